@@ -29,7 +29,10 @@ pub fn write_atomic(
     mode: u32,
     durability: Durability,
 ) -> io::Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let tmp = temp_path(dir);
     let result = (|| {
         let mut file = OpenOptions::new()
@@ -85,7 +88,10 @@ mod tests {
         write_atomic(&path, b"one", 0o600, Durability::ProcessCrash).unwrap();
         write_atomic(&path, b"two", 0o644, Durability::Durable).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two");
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
         let names: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())

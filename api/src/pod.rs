@@ -78,9 +78,15 @@ impl PodKey {
         format!("{}-{}.json", self.container_id, self.ifname)
     }
 
-    /// The `/v1/pods/{containerId}/{ifname}` path of this key.
+    /// The `/v1/pods/{containerId}/{ifname}` path of this key, each segment percent-encoded
+    /// (an interface name may hold `?`, `#` or `%`).
     pub fn api_path(&self) -> String {
-        format!("{}/{}/{}", crate::wire::PODS_PATH, self.container_id, self.ifname)
+        format!(
+            "{}/{}/{}",
+            crate::wire::PODS_PATH,
+            encode_segment(&self.container_id),
+            encode_segment(&self.ifname)
+        )
     }
 }
 
@@ -93,17 +99,25 @@ impl fmt::Display for PodKey {
 /// Why a record or one of its parts is not acceptable; each variant names the bad input.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RecordError {
-    #[error("containerId {0:?} is invalid: it must start with a letter or digit and contain only letters, digits, '_', '.' and '-'")]
+    #[error(
+        "containerId {0:?} is invalid: it must start with a letter or digit and contain only letters, digits, '_', '.' and '-'"
+    )]
     ContainerIdChars(String),
     #[error("containerId is {0} bytes long; at most {MAX_CONTAINER_ID_LEN} are supported")]
     ContainerIdLength(usize),
-    #[error("ifname {0:?} is invalid: it must be 1 to 15 bytes, not '.' or '..', without '/', ':' or whitespace")]
+    #[error(
+        "ifname {0:?} is invalid: it must be 1 to 15 bytes, not '.' or '..', without '/', ':' or whitespace"
+    )]
     Ifname(String),
     #[error("netns {0:?} is not an absolute path")]
     NetnsNotAbsolute(String),
-    #[error("netns {0:?} is not supported: only named namespaces directly under /var/run/netns or /run/netns are")]
+    #[error(
+        "netns {0:?} is not supported: only named namespaces directly under /var/run/netns or /run/netns are"
+    )]
     NetnsUnsupported(String),
-    #[error("{field} {value:?} is invalid: it must be 1 to {MAX_POD_FIELD_LEN} printable characters")]
+    #[error(
+        "{field} {value:?} is invalid: it must be 1 to {MAX_POD_FIELD_LEN} printable characters"
+    )]
     PodField { field: &'static str, value: String },
     #[error("ips entry {0:?} is not an address in CIDR notation")]
     Ip(String),
@@ -112,10 +126,7 @@ pub enum RecordError {
 impl RecordError {
     /// Whether the error is about the netns path (tokend answers those with 404, the rest 400).
     pub fn is_netns(&self) -> bool {
-        matches!(
-            self,
-            Self::NetnsNotAbsolute(_) | Self::NetnsUnsupported(_)
-        )
+        matches!(self, Self::NetnsNotAbsolute(_) | Self::NetnsUnsupported(_))
     }
 }
 
@@ -151,6 +162,37 @@ impl PodRecord {
             _ => None,
         }
     }
+}
+
+/// Percent-encodes every byte of a URL path segment except RFC 3986's unreserved characters.
+pub fn encode_segment(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Decodes a percent-encoded URL path segment; `None` for a malformed escape or non-UTF-8.
+pub fn decode_segment(segment: &str) -> Option<String> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// `^[A-Za-z0-9][A-Za-z0-9_.-]*$`, as in the CNI spec, and short enough for a file name.
@@ -203,8 +245,7 @@ pub fn validate_netns_path(path: &str) -> Result<(), RecordError> {
 }
 
 fn validate_pod_field(field: &'static str, value: &str) -> Result<(), RecordError> {
-    if value.is_empty() || value.len() > MAX_POD_FIELD_LEN || value.chars().any(char::is_control)
-    {
+    if value.is_empty() || value.len() > MAX_POD_FIELD_LEN || value.chars().any(char::is_control) {
         return Err(RecordError::PodField {
             field,
             value: value.to_owned(),
@@ -294,6 +335,20 @@ mod tests {
     }
 
     #[test]
+    fn path_segments_round_trip() {
+        let key = PodKey::new("abc", "e?#%/ 1");
+        assert_eq!(key.api_path(), "/v1/pods/abc/e%3F%23%25%2F%201");
+        assert_eq!(
+            decode_segment("e%3F%23%25%2F%201").as_deref(),
+            Some("e?#%/ 1")
+        );
+        assert_eq!(decode_segment("eth0").as_deref(), Some("eth0"));
+        for bad in ["%", "%4", "%zz", "%FF"] {
+            assert_eq!(decode_segment(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
     fn container_ids() {
         assert!(validate_container_id("a").is_ok());
         assert!(validate_container_id("A1_b.c-d").is_ok());
@@ -355,7 +410,14 @@ mod tests {
         for ok in ["10.0.0.1/24", "fd00::1/64", "10.0.0.1/32", "::/0"] {
             assert!(validate_cidr(ok).is_ok(), "{ok}");
         }
-        for bad in ["10.0.0.1", "10.0.0.1/33", "x/24", "10.0.0.1/", "10.0.0.1/+1", "fd00::1/129"] {
+        for bad in [
+            "10.0.0.1",
+            "10.0.0.1/33",
+            "x/24",
+            "10.0.0.1/",
+            "10.0.0.1/+1",
+            "fd00::1/129",
+        ] {
             assert!(validate_cidr(bad).is_err(), "{bad}");
         }
     }
@@ -366,7 +428,10 @@ mod tests {
         r.pod_name = Some("a\nb".into());
         assert!(matches!(
             r.validate(),
-            Err(RecordError::PodField { field: "podName", .. })
+            Err(RecordError::PodField {
+                field: "podName",
+                ..
+            })
         ));
     }
 
@@ -384,6 +449,7 @@ mod tests {
             let _ = validate_ifname(&s);
             let _ = validate_netns_path(&s);
             let _ = validate_cidr(&s);
+            prop_assert_eq!(decode_segment(&encode_segment(&s)), Some(s.clone()));
         }
     }
 }

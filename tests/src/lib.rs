@@ -1,1 +1,8 @@
+//! podid's test harness: network namespaces that always clean up, a small CNI runtime that
+//! runs a conflist like libcni, a simulated node running the real binaries, and an HTTP client.
 
+pub mod bins;
+pub mod http;
+pub mod netns;
+pub mod node;
+pub mod runtime;
