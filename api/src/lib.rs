@@ -4,8 +4,12 @@
 //! Apart from [`fsutil`], whose one job is the atomic file write every part needs, the
 //! library does no I/O.
 
+#[cfg(feature = "crds")]
+pub mod crd;
 pub mod defaults;
 pub mod fsutil;
+#[cfg(feature = "crds")]
+pub mod matching;
 pub mod pod;
 pub mod wire;
 

@@ -2,6 +2,7 @@
 //! runs a conflist like libcni, a simulated node running the real binaries, and an HTTP client.
 
 pub mod bins;
+pub mod fakeapi;
 pub mod http;
 pub mod netns;
 pub mod node;
