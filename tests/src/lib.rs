@@ -2,6 +2,8 @@
 //! runs a conflist like libcni, a simulated node running the real binaries, and an HTTP client.
 
 pub mod bins;
+pub mod bridge;
+pub mod cloud;
 pub mod fakeapi;
 pub mod http;
 pub mod netns;
