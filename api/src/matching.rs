@@ -77,7 +77,13 @@ impl MatchPolicy {
     /// bindings (those that do not select the pod are skipped); `identity(namespace, name)`
     /// looks an AzureIdentity up. When two bindings name one identity, the one with the
     /// highest weight, then the lowest name, is the one embedded.
-    pub fn select<'a, B, F>(&self, pod_namespace: &str, label: &str, bindings: B, identity: F) -> Selection<'a>
+    pub fn select<'a, B, F>(
+        &self,
+        pod_namespace: &str,
+        label: &str,
+        bindings: B,
+        identity: F,
+    ) -> Selection<'a>
     where
         B: IntoIterator<Item = &'a AzureIdentityBinding>,
         F: Fn(&str, &str) -> Option<&'a AzureIdentity>,
@@ -104,7 +110,9 @@ impl MatchPolicy {
                 .iter_mut()
                 .find(|s| same_object(s.identity, found));
             match same {
-                Some(existing) if preferred_binding(binding, existing.binding) == Ordering::Less => {
+                Some(existing)
+                    if preferred_binding(binding, existing.binding) == Ordering::Less =>
+                {
                     existing.binding = binding;
                 }
                 Some(_) => {}
@@ -115,9 +123,9 @@ impl MatchPolicy {
             }
         }
         selection.identities.sort_by(default_order);
-        selection
-            .missing_identity
-            .sort_by(|a, b| (namespace_of(*a), a.name_any()).cmp(&(namespace_of(*b), b.name_any())));
+        selection.missing_identity.sort_by(|a, b| {
+            (namespace_of(*a), a.name_any()).cmp(&(namespace_of(*b), b.name_any()))
+        });
         selection
     }
 }
@@ -172,7 +180,13 @@ mod tests {
         id
     }
 
-    fn binding(ns: &str, name: &str, identity: &str, selector: &str, weight: Option<i64>) -> AzureIdentityBinding {
+    fn binding(
+        ns: &str,
+        name: &str,
+        identity: &str,
+        selector: &str,
+        weight: Option<i64>,
+    ) -> AzureIdentityBinding {
         AzureIdentityBinding {
             metadata: ObjectMeta {
                 name: Some(name.into()),
@@ -195,7 +209,12 @@ mod tests {
 
     impl World {
         /// `(identity ns/name, binding ns/name)` for each selected identity, in order.
-        fn select(&self, policy: MatchPolicy, ns: &str, label: &str) -> (Vec<(String, String)>, Vec<String>) {
+        fn select(
+            &self,
+            policy: MatchPolicy,
+            ns: &str,
+            label: &str,
+        ) -> (Vec<(String, String)>, Vec<String>) {
             let s = policy.select(ns, label, &self.bindings, |ns, name| {
                 self.identities
                     .iter()
@@ -220,10 +239,15 @@ mod tests {
     }
 
     fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
-        items.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned())).collect()
+        items
+            .iter()
+            .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+            .collect()
     }
 
-    const NAMESPACED: MatchPolicy = MatchPolicy { cluster_wide: false };
+    const NAMESPACED: MatchPolicy = MatchPolicy {
+        cluster_wide: false,
+    };
     const CLUSTER_WIDE: MatchPolicy = MatchPolicy { cluster_wide: true };
 
     #[test]
@@ -239,14 +263,21 @@ mod tests {
             world.select(NAMESPACED, "rgapi", "rgapi"),
             (pairs(&[("rgapi/rgapi", "rgapi/rgapi-binding")]), vec![])
         );
-        assert_eq!(world.select(NAMESPACED, "rgapi", "RGAPI"), (vec![], vec![]), "exact, case-sensitive");
+        assert_eq!(
+            world.select(NAMESPACED, "rgapi", "RGAPI"),
+            (vec![], vec![]),
+            "exact, case-sensitive"
+        );
         assert_eq!(world.select(NAMESPACED, "other", "rgapi"), (vec![], vec![]));
     }
 
     #[test]
     fn cluster_wide_reaches_across_namespaces_except_namespaced_identities() {
         let world = World {
-            identities: vec![identity("a", "open"), namespaced_only(identity("a", "closed"))],
+            identities: vec![
+                identity("a", "open"),
+                namespaced_only(identity("a", "closed")),
+            ],
             bindings: vec![
                 binding("a", "to-open", "open", "sel", None),
                 binding("a", "to-closed", "closed", "sel", None),
@@ -260,7 +291,10 @@ mod tests {
         );
         assert_eq!(
             world.select(CLUSTER_WIDE, "a", "sel"),
-            (pairs(&[("a/closed", "a/to-closed"), ("a/open", "a/to-open")]), vec![])
+            (
+                pairs(&[("a/closed", "a/to-closed"), ("a/open", "a/to-open")]),
+                vec![]
+            )
         );
     }
 
@@ -292,18 +326,32 @@ mod tests {
                 binding("ns", "a", "id", "sel", Some(1)),
             ],
         };
-        assert_eq!(world.select(NAMESPACED, "ns", "sel"), (pairs(&[("ns/id", "ns/b")]), vec![]));
+        assert_eq!(
+            world.select(NAMESPACED, "ns", "sel"),
+            (pairs(&[("ns/id", "ns/b")]), vec![])
+        );
         let tie = World {
             identities: vec![identity("ns", "id")],
-            bindings: vec![binding("ns", "z", "id", "sel", None), binding("ns", "m", "id", "sel", Some(0))],
+            bindings: vec![
+                binding("ns", "z", "id", "sel", None),
+                binding("ns", "m", "id", "sel", Some(0)),
+            ],
         };
-        assert_eq!(tie.select(NAMESPACED, "ns", "sel"), (pairs(&[("ns/id", "ns/m")]), vec![]));
+        assert_eq!(
+            tie.select(NAMESPACED, "ns", "sel"),
+            (pairs(&[("ns/id", "ns/m")]), vec![])
+        );
     }
 
     #[test]
     fn identities_ordered_by_weight_then_name() {
         let world = World {
-            identities: vec![identity("ns", "b"), identity("ns", "a"), identity("ns", "heavy"), identity("ns", "neg")],
+            identities: vec![
+                identity("ns", "b"),
+                identity("ns", "a"),
+                identity("ns", "heavy"),
+                identity("ns", "neg"),
+            ],
             bindings: vec![
                 binding("ns", "1", "b", "sel", None),
                 binding("ns", "2", "a", "sel", None),
@@ -326,6 +374,9 @@ mod tests {
             identities: vec![identity("ns", "x")],
             bindings: vec![no_identity, no_selector],
         };
-        assert_eq!(world.select(NAMESPACED, "ns", "sel"), (vec![], vec!["ns/b".to_owned()]));
+        assert_eq!(
+            world.select(NAMESPACED, "ns", "sel"),
+            (vec![], vec!["ns/b".to_owned()])
+        );
     }
 }

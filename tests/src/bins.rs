@@ -34,6 +34,16 @@ pub fn tokend() -> Result<PathBuf> {
         .map_err(anyhow::Error::msg)
 }
 
+/// The `podid-controller` binary.
+pub fn controller() -> Result<PathBuf> {
+    static PATH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    PATH.get_or_init(|| {
+        build_release("podid-controller", "podid-controller").map_err(|e| format!("{e:#}"))
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
 /// A Debian CNI plugin by type (`bridge`, `host-local`, `tuning`).
 pub fn debian_plugin(name: &str) -> Result<PathBuf> {
     let path = Path::new(DEBIAN_CNI_DIR).join(name);

@@ -6,6 +6,7 @@ pub mod bridge;
 pub mod cloud;
 pub mod fakeapi;
 pub mod http;
+pub mod mocks;
 pub mod netns;
 pub mod node;
 pub mod runtime;
