@@ -44,6 +44,16 @@ pub fn controller() -> Result<PathBuf> {
     .map_err(anyhow::Error::msg)
 }
 
+/// The `podid-install` binary.
+pub fn installer() -> Result<PathBuf> {
+    static PATH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    PATH.get_or_init(|| {
+        build_release("podid-install", "podid-install").map_err(|e| format!("{e:#}"))
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
 /// A Debian CNI plugin by type (`bridge`, `host-local`, `tuning`).
 pub fn debian_plugin(name: &str) -> Result<PathBuf> {
     let path = Path::new(DEBIAN_CNI_DIR).join(name);
@@ -56,9 +66,27 @@ pub fn debian_plugin(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Cargo with the environment of a shell, not of a test: cargo gives test processes
+/// `LD_LIBRARY_PATH`, `CARGO_PKG_*` and more, and a nested build that saw them would rebuild
+/// dependencies whose build scripts watch such variables, then the outer build would rebuild
+/// them back.
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(workspace_root());
+    cmd.current_dir(workspace_root()).env_clear();
+    for key in [
+        "PATH",
+        "HOME",
+        "TMPDIR",
+        "CARGO_HOME",
+        "CARGO_TARGET_DIR",
+        "RUSTUP_HOME",
+        "RUSTUP_TOOLCHAIN",
+        "RUSTFLAGS",
+    ] {
+        if let Some(value) = std::env::var_os(key) {
+            cmd.env(key, value);
+        }
+    }
     cmd
 }
 

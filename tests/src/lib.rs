@@ -9,4 +9,7 @@ pub mod http;
 pub mod mocks;
 pub mod netns;
 pub mod node;
+pub mod objects;
 pub mod runtime;
+pub mod sdk;
+pub mod world;

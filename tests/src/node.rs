@@ -1,6 +1,9 @@
 //! A simulated node: its own network namespace holding the CNI chain's bridge and a real
-//! `podid-tokend`, with temporary conf, bin, IPAM, state and log dirs. Nothing is created in
-//! the machine's own netns or under its `/etc/cni`, `/opt/cni`, `/var/lib/podid`.
+//! `podid-tokend`, with temporary conf, bin, IPAM, state and log dirs, and a fake Kubernetes API
+//! server of its own (in the test process, bridged into the node netns at `127.0.0.1:6443`).
+//! The harness plays the kubelet: a pod is created in the API, scheduled on the node, then its
+//! sandbox goes through the CNI chain. Nothing is created in the machine's own netns or under
+//! its `/etc/cni`, `/opt/cni`, `/var/lib/podid`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -10,6 +13,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::{Node as NodeObject, Pod as PodObject};
+use kube::api::{Api, ObjectMeta, PostParams};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use podid_api::wire::{PodList, PodState};
@@ -17,9 +22,15 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 
 use crate::bins;
+use crate::bridge::TcpBridge;
+use crate::fakeapi::FakeApiServer;
 use crate::http::{self, Request, Response};
 use crate::netns::Netns;
+use crate::objects::{self, PodBuilder};
 use crate::runtime::{Attachment, Runtime};
+
+/// Where the node's daemons reach the Kubernetes API, inside the node netns.
+pub const API_ADDR: &str = "127.0.0.1:6443";
 
 /// The metadata endpoint as a pod calls it.
 pub const IMDS_ADDR: &str = "169.254.169.254:80";
@@ -49,17 +60,26 @@ impl Default for PluginSettings {
 pub struct Node {
     pub netns: Netns,
     dir: TempDir,
+    /// The node's name in the API (`spec.nodeName` of its pods).
+    pub name: String,
     pub listener_port: u16,
     pub bridge: String,
     pub subnet: String,
     tokend: Mutex<Option<Child>>,
     tokend_log: PathBuf,
+    tokend_args: Mutex<Vec<String>>,
+    hosts: Mutex<Option<PathBuf>>,
+    /// Kept for its lifetime: it carries the daemons' API traffic into the node netns.
+    _api_bridge: TcpBridge,
+    api: Option<FakeApiServer>,
+    rt: tokio::runtime::Runtime,
 }
 
 static NODES: AtomicU32 = AtomicU32::new(0);
 
 impl Node {
-    /// A node netns with `lo` up, temp dirs, and the plugin installed in its bin dir.
+    /// A node netns with `lo` up, temp dirs, the plugin installed in its bin dir, and its API
+    /// server holding the Node object.
     pub fn new(tag: &str) -> Result<Self> {
         let n = NODES.fetch_add(1, Ordering::Relaxed);
         let netns = Netns::new(&format!("node-{tag}"))?;
@@ -69,16 +89,105 @@ impl Node {
             fs::create_dir_all(dir.path().join(sub))?;
         }
         fs::copy(bins::plugin()?, dir.path().join("bin/podid")).context("installing the plugin")?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let api = rt.block_on(FakeApiServer::start())?;
+        let api_bridge = TcpBridge::into_netns(&netns, API_ADDR.parse()?, api.addr())?;
+        fs::write(
+            dir.path().join("kubeconfig"),
+            crate::fakeapi::kubeconfig(&format!("http://{API_ADDR}")),
+        )?;
         let id = (std::process::id() + n) % 200;
-        Ok(Self {
-            netns,
+        let node = Self {
+            name: format!("node-{tag}-{n}"),
             listener_port: 3000 + (n % 1000) as u16,
             bridge: format!("pdbr{}", n % 10000),
             subnet: format!("10.{}.{}.0/24", 100 + id / 100, (id % 100) + n % 100),
             tokend: Mutex::new(None),
             tokend_log: dir.path().join("log/tokend.log"),
+            tokend_args: Mutex::new(Vec::new()),
+            hosts: Mutex::new(None),
+            netns,
             dir,
-        })
+            _api_bridge: api_bridge,
+            api: Some(api),
+            rt,
+        };
+        let nodes: Api<NodeObject> = Api::all(node.client());
+        let object = NodeObject {
+            metadata: ObjectMeta {
+                name: Some(node.name.clone()),
+                ..ObjectMeta::default()
+            },
+            ..NodeObject::default()
+        };
+        node.block_on(nodes.create(&PostParams::default(), &object))?;
+        Ok(node)
+    }
+
+    /// The node's fake API server.
+    pub fn api(&self) -> &FakeApiServer {
+        self.api
+            .as_ref()
+            .expect("the API server lives as long as the node")
+    }
+
+    /// A client of the node's API server, for the test's own reads and writes.
+    pub fn client(&self) -> kube::Client {
+        let _guard = self.rt.enter();
+        self.api().client()
+    }
+
+    /// Runs `f` on the node's async runtime (where its API server and mocks run).
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    /// The node's async runtime, for servers a test starts next to the API server.
+    pub fn async_runtime(&self) -> &tokio::runtime::Runtime {
+        &self.rt
+    }
+
+    /// Creates the namespaced `obj` in the node's API server and returns it as stored.
+    pub fn create<K>(&self, obj: &K) -> Result<K>
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+            + Clone
+            + serde::Serialize
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        let namespace = obj
+            .meta()
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let api: Api<K> = Api::namespaced(self.client(), &namespace);
+        self.block_on(api.create(&PostParams::default(), obj))
+            .with_context(|| format!("creating {namespace}/{:?}", obj.meta().name))
+    }
+
+    /// Deletes the namespaced object `namespace/name` of kind `K` from the node's API server.
+    pub fn delete<K>(&self, namespace: &str, name: &str) -> Result<()>
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        let api: Api<K> = Api::namespaced(self.client(), namespace);
+        self.block_on(api.delete(name, &kube::api::DeleteParams::default()))
+            .with_context(|| format!("deleting {namespace}/{name}"))?;
+        Ok(())
+    }
+
+    /// The kubeconfig tokend and the controller use, pointing at [`API_ADDR`].
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
     }
 
     pub fn dir(&self) -> &Path {
@@ -173,6 +282,24 @@ impl Node {
         self.wait_tokend_ready(Duration::from_secs(10))
     }
 
+    /// Extra tokend flags for the next starts (rate limits, `--ca-file`, ...).
+    pub fn set_tokend_args(&self, args: &[&str]) {
+        *self.tokend_args.lock().unwrap() = args.iter().map(|a| (*a).to_owned()).collect();
+    }
+
+    /// The hosts file tokend sees (the node netns' own, as `ip netns exec` gives one): tokend
+    /// then runs in a private mount namespace with it bound over `/etc/hosts`.
+    pub fn set_hosts(&self, entries: &[(&str, std::net::IpAddr)]) -> Result<()> {
+        let path = self.dir.path().join("hosts");
+        let mut text = String::from("127.0.0.1 localhost\n");
+        for (name, ip) in entries {
+            text.push_str(&format!("{ip} {name}\n"));
+        }
+        fs::write(&path, text)?;
+        *self.hosts.lock().unwrap() = Some(path);
+        Ok(())
+    }
+
     /// Starts tokend without waiting for it.
     pub fn spawn_tokend(&self) -> Result<()> {
         let mut slot = self.tokend.lock().unwrap();
@@ -184,20 +311,49 @@ impl Node {
             .create(true)
             .append(true)
             .open(&self.tokend_log)?;
-        let port = self.listener_port.to_string();
-        let socket = self.socket();
-        let state = self.state_dir();
-        let child = self.netns.run(|| {
-            Command::new(&binary)
-                .args(["--socket".as_ref(), socket.as_os_str()])
-                .args(["--state-dir".as_ref(), state.as_os_str()])
-                .args(["--listener-port", &port, "--health-addr", "127.0.0.1:2580"])
-                .env("PODID_LOG", "debug")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-        })??;
+        let mut args: Vec<String> = vec![
+            "--node-name".into(),
+            self.name.clone(),
+            "--kubeconfig".into(),
+            self.kubeconfig().display().to_string(),
+            "--socket".into(),
+            self.socket().display().to_string(),
+            "--state-dir".into(),
+            self.state_dir().display().to_string(),
+            "--listener-port".into(),
+            self.listener_port.to_string(),
+            "--health-addr".into(),
+            "127.0.0.1:2580".into(),
+        ];
+        args.extend(self.tokend_args.lock().unwrap().iter().cloned());
+        let mut command = match self.hosts.lock().unwrap().as_ref() {
+            // unshare gives a mount namespace that still receives the host's new netns mounts
+            // (slave, as a container with HostToContainer propagation), sh binds the hosts file, nsenter enters
+            // the node netns; each execs the next, so the child's pid is tokend's.
+            Some(hosts) => {
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "slave", "--", "sh", "-c"])
+                    .arg(r#"mount --bind "$1" /etc/hosts && ns="$2" && shift 2 && exec nsenter --net="$ns" -- "$@""#)
+                    .arg("sh")
+                    .arg(hosts)
+                    .arg(self.netns.path())
+                    .arg(&binary);
+                c
+            }
+            None => Command::new(&binary),
+        };
+        command
+            .args(&args)
+            .env("PODID_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let hosts = self.hosts.lock().unwrap().is_some();
+        let child = if hosts {
+            command.spawn()?
+        } else {
+            self.netns.run(|| command.spawn())??
+        };
         *slot = Some(child);
         Ok(())
     }
@@ -246,13 +402,29 @@ impl Node {
             .find(|p| p.bound.record.container_id == container_id))
     }
 
-    /// A new pod sandbox netns with a containerd-style attachment (nothing runs yet).
+    /// A pod scheduled on this node (created in the API first, as the kubelet would find it)
+    /// and its sandbox netns with a containerd-style attachment (nothing runs yet).
     pub fn pod(&self, namespace: &str, name: &str) -> Result<Pod> {
+        self.pod_from(objects::pod(namespace, name))
+    }
+
+    /// Like [`pod`](Self::pod), from a builder (labels, service account).
+    pub fn pod_from(&self, pod: PodBuilder) -> Result<Pod> {
+        let created: PodObject = self.create(&pod.on_node(&self.name).build())?;
+        let namespace = created.metadata.namespace.clone().unwrap_or_default();
+        let name = created.metadata.name.clone().unwrap_or_default();
+        let uid = created
+            .metadata
+            .uid
+            .clone()
+            .context("the API server set no uid")?;
         let netns = Netns::new("pod")?;
-        let container_id = container_id();
-        let uid = format!("uid-{container_id}");
-        let attachment = Attachment::pod(&container_id, netns.path(), namespace, name, &uid[..40]);
-        Ok(Pod { netns, attachment })
+        let attachment = Attachment::pod(&container_id(), netns.path(), &namespace, &name, &uid);
+        Ok(Pod {
+            netns,
+            attachment,
+            uid,
+        })
     }
 }
 
@@ -262,6 +434,9 @@ impl Drop for Node {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if let Some(api) = self.api.take() {
+            self.rt.block_on(api.shutdown());
+        }
     }
 }
 
@@ -270,6 +445,8 @@ impl Drop for Node {
 pub struct Pod {
     pub netns: Netns,
     pub attachment: Attachment,
+    /// The pod's UID in the API (`K8S_POD_UID`).
+    pub uid: String,
 }
 
 impl Pod {

@@ -248,13 +248,16 @@ fn azure_vnet_result_passes_through_byte_for_byte() {
     let mut stdin = serde_json::to_string(&config).unwrap();
     stdin.pop();
     stdin.push_str(&format!(",\"prevResult\":{fixture}}}"));
-    let args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=rgapi;K8S_POD_NAME=api-0;K8S_POD_UID=u-1";
+    let args = format!(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=rgapi;K8S_POD_NAME=api-0;K8S_POD_UID={}",
+        pod.uid
+    );
     let netns = pod.netns.path().display().to_string();
     let env = [
         ("CNI_CONTAINERID", pod.container_id()),
         ("CNI_NETNS", netns.as_str()),
         ("CNI_IFNAME", "eth0"),
-        ("CNI_ARGS", args),
+        ("CNI_ARGS", args.as_str()),
     ];
     let out = invoke(&node, "ADD", &env, stdin.as_bytes());
     assert_eq!(out.status, 0, "{}", String::from_utf8_lossy(&out.stdout));
@@ -278,6 +281,7 @@ fn pods_from_runtimes_without_kubernetes_args_still_get_a_listener() {
     let pod = Pod {
         attachment: Attachment::bare(&podid_tests::node::container_id(), netns.path()),
         netns,
+        uid: String::new(),
     };
     rt.add(&pod.attachment).unwrap();
     let rec = node

@@ -5,13 +5,19 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Parser, ValueEnum};
 use podid_api::defaults;
+use reqwest::Url;
 
 /// Longest unix socket path the kernel accepts (`sun_path` is 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 /// Longest interval accepted for the periodic tasks: a day.
 const MAX_INTERVAL_SECS: u64 = 86_400;
+/// Longest wait a pod request may be held for (`--pod-wait`, `--assignment-wait`).
+const MAX_WAIT: Duration = Duration::from_secs(600);
+/// Longest Kubernetes node name (a DNS subdomain).
+const MAX_NODE_NAME: usize = 253;
 
 /// How logs are written to stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -20,11 +26,93 @@ pub enum LogFormat {
     Json,
 }
 
+/// What the pod listeners answer on `/metadata/instance…` and `/metadata/versions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InstanceMetadata {
+    /// Forward to the node's IMDS and relay its answer (aad-pod-identity's default).
+    Proxy,
+    /// 403 "Request blocked by podid-tokend" (aad-pod-identity's --block-instance-metadata).
+    Block,
+    /// 404, as for any other path tokend does not serve.
+    Deny,
+}
+
 /// podid-tokend: the node token daemon. It keeps one IMDS listener inside every registered
-/// pod's network namespace. Log level: `PODID_LOG` (RUST_LOG syntax, default `info`).
+/// pod's network namespace and serves each pod the Azure identities assigned to it. Log
+/// level: `PODID_LOG` (RUST_LOG syntax, default `info`).
 #[derive(Debug, Clone, Parser)]
 #[command(name = "podid-tokend", version)]
 pub struct Config {
+    /// This node's name: tokend watches only this node's pods and AzureAssignedIdentities.
+    #[arg(long, env = "PODID_NODE_NAME", value_name = "NAME", value_parser = node_name)]
+    pub node_name: String,
+
+    /// Kubeconfig to use; default: the in-cluster config, else the default kubeconfig.
+    #[arg(long, env = "PODID_KUBECONFIG", value_name = "PATH", value_parser = existing_file)]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Let a binding in any namespace select pods in any namespace, as podid-controller does
+    /// with the same flag; identities annotated `aadpodidentity.k8s.io/Behavior: namespaced`
+    /// stay namespaced.
+    #[arg(
+        long,
+        env = "PODID_CLUSTER_WIDE_BINDINGS",
+        action = ArgAction::Set,
+        num_args = 0..=1,
+        default_value_t = false,
+        default_missing_value = "true",
+        value_parser = BoolishValueParser::new()
+    )]
+    pub cluster_wide_bindings: bool,
+
+    /// How long a token request is held while its pod is not yet in tokend's pod watch
+    /// (`5`, `5s` or `500ms`); then 404 with Retry-After.
+    #[arg(long, env = "PODID_POD_WAIT", value_name = "DURATION", default_value = "5s", value_parser = wait)]
+    pub pod_wait: Duration,
+
+    /// How long a token request is held for an identity the pod's bindings will bring but
+    /// whose assignment is not there yet; then 404 with Retry-After.
+    #[arg(long, env = "PODID_ASSIGNMENT_WAIT", value_name = "DURATION", default_value = "20s", value_parser = wait)]
+    pub assignment_wait: Duration,
+
+    /// What pods get on /metadata/instance and /metadata/versions.
+    #[arg(long, env = "PODID_INSTANCE_METADATA", value_enum, default_value_t = InstanceMetadata::Proxy)]
+    pub instance_metadata: InstanceMetadata,
+
+    /// Token requests per second one pod may make (token bucket refill rate).
+    #[arg(long, env = "PODID_POD_RPS", value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pod_rps: u32,
+
+    /// Requests one pod may make at once above its rate (token bucket size).
+    #[arg(long, env = "PODID_POD_BURST", value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pod_burst: u32,
+
+    /// Requests of one pod in progress at once.
+    #[arg(long, env = "PODID_POD_INFLIGHT", value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pod_inflight: u32,
+
+    /// Calls to Entra ID and the node's IMDS in progress at once, node-wide.
+    #[arg(long, env = "PODID_UPSTREAM_INFLIGHT", value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub upstream_inflight: u32,
+
+    /// Entra ID authority host for identities without `adEndpoint` (sovereign or private
+    /// clouds); must be https.
+    #[arg(long, env = "PODID_AUTHORITY_HOST", value_name = "URL", default_value = "https://login.microsoftonline.com", value_parser = authority_host)]
+    pub authority_host: Url,
+
+    /// PEM file of extra CA certificates trusted for Entra ID, on top of the system roots.
+    #[arg(long, env = "PODID_CA_FILE", value_name = "PATH", value_parser = existing_file)]
+    pub ca_file: Option<PathBuf>,
+
+    /// The node's own instance metadata service: tokens of type-0 identities and of
+    /// exception pods, and the instance metadata proxy.
+    #[arg(long, env = "PODID_IMDS_ENDPOINT", value_name = "URL", default_value = "http://169.254.169.254", value_parser = imds_endpoint)]
+    pub imds_endpoint: Url,
+
+    /// Tokens kept in the cache (one per identity and resource, per pod for type 3).
+    #[arg(long, env = "PODID_TOKEN_CACHE_SIZE", value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub token_cache_size: u32,
+
     /// Unix socket the CNI plugin talks to.
     #[arg(long, env = "PODID_SOCKET", value_name = "PATH", default_value = defaults::SOCKET, value_parser = socket_path)]
     pub socket: PathBuf,
@@ -64,6 +152,82 @@ impl Config {
     }
 }
 
+fn node_name(value: &str) -> Result<String, String> {
+    let valid = !value.is_empty()
+        && value.len() <= MAX_NODE_NAME
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && value
+            .split('.')
+            .all(|label| !label.is_empty() && !label.starts_with('-') && !label.ends_with('-'));
+    if valid {
+        Ok(value.to_owned())
+    } else {
+        Err(format!(
+            "a node name is a DNS subdomain: at most {MAX_NODE_NAME} lower-case letters, digits, '-' and '.'"
+        ))
+    }
+}
+
+fn existing_file(value: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(value);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err("no such file".into())
+    }
+}
+
+/// `<n>` or `<n>s` seconds, or `<n>ms` milliseconds, at most [`MAX_WAIT`].
+fn wait(value: &str) -> Result<Duration, String> {
+    let (digits, unit) = match value.strip_suffix("ms") {
+        Some(digits) => (digits, 1),
+        None => (value.strip_suffix('s').unwrap_or(value), 1000),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| "expected a duration such as 5, 5s or 500ms".to_owned())?;
+    let duration = Duration::from_millis(n.saturating_mul(unit));
+    if duration > MAX_WAIT {
+        return Err(format!("at most {}s", MAX_WAIT.as_secs()));
+    }
+    Ok(duration)
+}
+
+fn url(value: &str) -> Result<Url, String> {
+    let url = Url::parse(value).map_err(|e| format!("not a URL: {e}"))?;
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("the URL has no host".into());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("the URL must not have a query or a fragment".into());
+    }
+    if url.path() != "/" {
+        return Err("the URL must not have a path".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("the URL must not carry credentials".into());
+    }
+    Ok(url)
+}
+
+fn authority_host(value: &str) -> Result<Url, String> {
+    let url = url(value)?;
+    if url.scheme() != "https" {
+        return Err("the authority host must use https".into());
+    }
+    Ok(url)
+}
+
+fn imds_endpoint(value: &str) -> Result<Url, String> {
+    let url = url(value)?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("the endpoint must be http or https".into());
+    }
+    Ok(url)
+}
+
 fn socket_path(value: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(value);
     if !path.is_absolute() {
@@ -96,9 +260,17 @@ fn state_dir(value: &str) -> Result<PathBuf, String> {
 mod tests {
     use super::*;
 
+    /// Parses `args` after a valid `--node-name`, unless they set one.
     fn parse(args: &[&str]) -> Result<Config, String> {
-        Config::try_parse_from(std::iter::once("podid-tokend").chain(args.iter().copied()))
-            .map_err(|e| e.to_string())
+        let node: &[&str] = if args.contains(&"--node-name") {
+            &[]
+        } else {
+            &["--node-name", "node-1"]
+        };
+        let args = std::iter::once("podid-tokend")
+            .chain(node.iter().copied())
+            .chain(args.iter().copied());
+        Config::try_parse_from(args).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -115,6 +287,84 @@ mod tests {
         assert_eq!(config.netns_check_interval(), Duration::from_secs(30));
         assert_eq!(config.spool_rescan_interval(), Duration::from_secs(5));
         assert_eq!(config.log_format, LogFormat::Text);
+        assert_eq!(config.node_name, "node-1");
+        assert_eq!(config.kubeconfig, None);
+        assert!(!config.cluster_wide_bindings);
+        assert_eq!(config.pod_wait, Duration::from_secs(5));
+        assert_eq!(config.assignment_wait, Duration::from_secs(20));
+        assert_eq!(config.instance_metadata, InstanceMetadata::Proxy);
+        assert_eq!(
+            (config.pod_rps, config.pod_burst, config.pod_inflight),
+            (50, 100, 16)
+        );
+        assert_eq!(config.upstream_inflight, 64);
+        assert_eq!(
+            config.authority_host.as_str(),
+            "https://login.microsoftonline.com/"
+        );
+        assert_eq!(config.ca_file, None);
+        assert_eq!(config.imds_endpoint.as_str(), "http://169.254.169.254/");
+        assert_eq!(config.token_cache_size, 4096);
+    }
+
+    #[test]
+    fn identity_flags() {
+        let ca = tempfile::NamedTempFile::new().unwrap();
+        let ca_path = ca.path().to_str().unwrap();
+        let config = parse(&[
+            "--cluster-wide-bindings",
+            "--pod-wait",
+            "500ms",
+            "--assignment-wait",
+            "3",
+            "--instance-metadata",
+            "block",
+            "--pod-rps",
+            "5",
+            "--pod-burst",
+            "7",
+            "--pod-inflight",
+            "2",
+            "--upstream-inflight",
+            "9",
+            "--authority-host",
+            "https://login.microsoftonline.us",
+            "--ca-file",
+            ca_path,
+            "--imds-endpoint",
+            "http://127.0.0.1:8080",
+            "--token-cache-size",
+            "10",
+            "--kubeconfig",
+            ca_path,
+        ])
+        .unwrap();
+        assert!(config.cluster_wide_bindings);
+        assert_eq!(config.pod_wait, Duration::from_millis(500));
+        assert_eq!(config.assignment_wait, Duration::from_secs(3));
+        assert_eq!(config.instance_metadata, InstanceMetadata::Block);
+        assert_eq!(
+            (config.pod_rps, config.pod_burst, config.pod_inflight),
+            (5, 7, 2)
+        );
+        assert_eq!(config.upstream_inflight, 9);
+        assert_eq!(
+            config.authority_host.host_str(),
+            Some("login.microsoftonline.us")
+        );
+        assert_eq!(config.ca_file.as_deref(), Some(ca.path()));
+        assert_eq!(config.imds_endpoint.port(), Some(8080));
+        assert_eq!(config.token_cache_size, 10);
+        let off = parse(&["--cluster-wide-bindings", "false"]).unwrap();
+        assert!(!off.cluster_wide_bindings);
+    }
+
+    #[test]
+    fn node_name_is_required() {
+        let message = Config::try_parse_from(["podid-tokend"])
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("--node-name"), "{message}");
     }
 
     #[test]
@@ -161,6 +411,27 @@ mod tests {
             ("--spool-rescan-interval", "0"),
             ("--spool-rescan-interval", "100000"),
             ("--log-format", "xml"),
+            ("--node-name", "Node_1"),
+            ("--node-name", "-node"),
+            ("--kubeconfig", "/nonexistent/kubeconfig"),
+            ("--ca-file", "/nonexistent/ca.pem"),
+            ("--pod-wait", "soon"),
+            ("--pod-wait", "601"),
+            ("--assignment-wait", "1.5s"),
+            ("--instance-metadata", "allow"),
+            ("--pod-rps", "0"),
+            ("--pod-burst", "0"),
+            ("--pod-inflight", "0"),
+            ("--upstream-inflight", "0"),
+            ("--authority-host", "http://login.microsoftonline.com"),
+            (
+                "--authority-host",
+                "https://login.microsoftonline.com/tenant",
+            ),
+            ("--authority-host", "login"),
+            ("--imds-endpoint", "ftp://169.254.169.254"),
+            ("--imds-endpoint", "http://169.254.169.254/metadata"),
+            ("--token-cache-size", "0"),
         ] {
             let message = parse(&[flag, value]).unwrap_err();
             assert!(message.contains(flag), "{flag} {value}: {message}");

@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::cluster::Cluster;
 use crate::node::Node;
 
 const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -25,6 +26,7 @@ const TEXT_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
 pub async fn serve(
     listener: TcpListener,
     node: Arc<Node>,
+    cluster: Arc<Cluster>,
     metrics: Arc<Registry>,
     shutdown: CancellationToken,
 ) {
@@ -42,11 +44,12 @@ pub async fn serve(
             }
         };
         let node = Arc::clone(&node);
+        let cluster = Arc::clone(&cluster);
         let metrics = Arc::clone(&metrics);
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let answer = answer(&node, &metrics, &request);
+                let answer = answer(&node, &cluster, &metrics, &request);
                 async move { Ok::<_, Infallible>(answer) }
             });
             let connection = http1::Builder::new()
@@ -62,7 +65,35 @@ pub async fn serve(
     }
 }
 
-fn answer(node: &Node, metrics: &Registry, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// `/readyz`: the node data path serves ADD, and every Kubernetes watch has listed (else
+/// tokend cannot tell a pod without identity from one it does not know yet).
+fn readiness(node: &Node, cluster: &Cluster) -> (StatusCode, String) {
+    if !node.is_ready() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: restoring pods\n".into(),
+        );
+    }
+    let pending = cluster.read().pending();
+    if pending.is_empty() {
+        (StatusCode::OK, "ready".into())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: waiting for the first list of {}\n",
+                pending.join(", ")
+            ),
+        )
+    }
+}
+
+fn answer(
+    node: &Node,
+    cluster: &Cluster,
+    metrics: &Registry,
+    request: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
     if !matches!(*request.method(), Method::GET | Method::HEAD) {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -71,8 +102,10 @@ fn answer(node: &Node, metrics: &Registry, request: &Request<Incoming>) -> Respo
     }
     match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok".into()),
-        "/readyz" if node.is_ready() => text(StatusCode::OK, "ready".into()),
-        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready".into()),
+        "/readyz" => {
+            let (status, body) = readiness(node, cluster);
+            text(status, body)
+        }
         "/metrics" => {
             let mut body = String::new();
             match prometheus_client::encoding::text::encode(&mut body, metrics) {

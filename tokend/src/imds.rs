@@ -1,7 +1,8 @@
 //! The IMDS endpoint tokend emulates on every pod listener, as a pure function from a request
 //! (method, path, query, two headers) to a decision, following the processing order of
 //! reference/imds.md "(a) Spec for the emulated endpoint". The token route ends in the
-//! identity step ([`IdentityResolver`]); every IMDS error is built here, in one place.
+//! identity step ([`ImdsBackend`]); every IMDS error answer, whatever decided it, is built
+//! here, in one place ([`Failure::error`]), and so is the success body ([`token_body`]).
 //!
 //! One identity named under two alias spellings (`object_id=X&principal_id=x`) is one
 //! selector; two kinds, or one kind with two different values, is "Multiple identity
@@ -10,16 +11,24 @@
 use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
+use std::sync::Arc;
 
+use async_trait::async_trait;
+use bytes::Bytes;
 use hyper::StatusCode;
 use serde::Serialize;
 
 use crate::netns::NetnsId;
+use crate::registry::PodAttribution;
+use crate::token::Token;
+use crate::upstream::UpstreamError;
 
 /// Content type of every answer, as real IMDS sends it.
 pub const CONTENT_TYPE: &str = "application/json; charset=utf-8";
+/// `Retry-After` (seconds) of a 404 while tokend does not know the pod or its assignment yet.
+pub const NOT_YET_RETRY_AFTER: u64 = 5;
+/// Description of every upstream failure a retry may fix (reference/imds.md §1.3).
+pub const UPSTREAM_FAILED: &str = "Failed to retrieve token from the Active directory";
 /// Oldest api-version IMDS serves tokens for.
 const MIN_API_VERSION: (u16, u8, u8) = (2018, 2, 1);
 /// Longest query parameter name echoed in an error description.
@@ -46,6 +55,19 @@ pub struct TokenRequest {
     /// Percent-decoded, otherwise exactly as received (echoed in the answer, scope = resource + "/.default").
     pub resource: String,
     pub selector: Option<Selector>,
+    /// `bypass_cache=true`: a fresh token from upstream.
+    pub bypass_cache: bool,
+    /// `token_sha256_to_refresh`: a fresh token if the cached one has this SHA-256 (hex).
+    pub refresh_sha256: Option<String>,
+}
+
+/// A headered request for instance metadata (`/metadata/instance…`, `/metadata/versions`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetadataRequest {
+    /// The path with repeated slashes collapsed and no trailing slash, case kept.
+    pub path: String,
+    /// Raw query string, without the `?`.
+    pub query: Option<String>,
 }
 
 /// Which identity the request names, whatever spelling it used.
@@ -61,6 +83,24 @@ pub enum Selector {
 }
 
 impl Selector {
+    /// Whether `value` is the id this selector names: ids case-insensitively, resource ids
+    /// case-insensitively after trimming (DESIGN.md "Selector spellings").
+    pub fn names(&self, value: &str) -> bool {
+        match self {
+            Self::ClientId(id) | Self::ObjectId(id) => id.eq_ignore_ascii_case(value),
+            Self::ResourceId(id) => id.trim().eq_ignore_ascii_case(value.trim()),
+        }
+    }
+
+    /// The selector's query parameter as real IMDS spells it, and its value.
+    pub fn imds_param(&self) -> (&'static str, &str) {
+        match self {
+            Self::ClientId(id) => ("client_id", id),
+            Self::ObjectId(id) => ("object_id", id),
+            Self::ResourceId(id) => ("msi_res_id", id.trim()),
+        }
+    }
+
     /// Two spellings of one selector kind name the same identity: ids case-insensitively,
     /// resource ids case-insensitively after trimming (DESIGN.md "Selector spellings").
     fn same_identity(&self, other: &Self) -> bool {
@@ -79,6 +119,8 @@ impl Selector {
 pub enum Route {
     /// A token request that passed every check: hand it to the identity step.
     Token(TokenRequest),
+    /// A headered instance metadata request: proxied, blocked or denied by policy.
+    Metadata(MetadataRequest),
     /// Answer this error at once.
     Reject(ImdsError),
 }
@@ -89,6 +131,8 @@ pub struct ImdsError {
     pub status: StatusCode,
     pub error: &'static str,
     pub description: String,
+    /// `Retry-After` in whole seconds.
+    pub retry_after: Option<u64>,
 }
 
 impl ImdsError {
@@ -97,7 +141,13 @@ impl ImdsError {
             status,
             error,
             description: description.into(),
+            retry_after: None,
         }
+    }
+
+    fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds.max(1));
+        self
     }
 
     fn invalid_request(description: impl Into<String>) -> Self {
@@ -136,60 +186,215 @@ impl fmt::Display for ImdsError {
 }
 
 /// The listener a request arrived on: it alone identifies the calling pod.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     pub netns: NetnsId,
     pub port: u16,
+    /// The pod the listener's records name, as of this request.
+    pub pod: Arc<PodAttribution>,
 }
 
-/// What the identity step decided.
+/// Why a request gets an error answer after the checks of [`classify`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IdentityAnswer {
-    /// No identity of the pod matches the request: `400 Identity not found`, so
-    /// `DefaultAzureCredential` moves on to its next credential.
-    NotFound,
+pub enum Failure {
+    /// No identity of the pod, current or coming, matches the request: `400 Identity not
+    /// found` at once, so `DefaultAzureCredential` moves on to its next credential.
+    IdentityNotFound,
+    /// The pod is not (yet) in tokend's pod watch, or the watches have not listed yet.
+    PodNotFound,
+    /// An identity the pod's bindings bring is not assigned yet.
+    AssignmentPending,
+    /// The pod used up its token bucket; `retry_after` in seconds.
+    RateLimited { retry_after: u64 },
+    /// The pod has too many requests in progress.
+    TooManyInFlight,
+    /// Getting the token upstream failed.
+    Upstream(UpstreamError),
+    /// `--instance-metadata block`.
+    InstanceMetadataBlocked,
+    /// `--instance-metadata deny`.
+    InstanceMetadataDenied,
 }
 
-/// The identity step: resolves a token request of a pod to an answer. The token service
-/// plugs in here; until it does, [`NoIdentities`] answers every request.
-pub trait IdentityResolver: fmt::Debug + Send + Sync + 'static {
-    fn resolve<'a>(
-        &'a self,
-        caller: Caller,
-        request: &'a TokenRequest,
-    ) -> Pin<Box<dyn Future<Output = IdentityAnswer> + Send + 'a>>;
+impl Failure {
+    /// The IMDS answer for this failure: the one place where tokend's decisions become
+    /// statuses (reference/imds.md §1.3 and (a).8-12).
+    pub fn error(&self) -> ImdsError {
+        match self {
+            Self::IdentityNotFound => ImdsError::invalid_request("Identity not found"),
+            Self::PodNotFound => {
+                ImdsError::not_found("The pod is not known to podid-tokend yet; try again")
+                    .retry_after(NOT_YET_RETRY_AFTER)
+            }
+            Self::AssignmentPending => ImdsError::not_found(
+                "The pod's identity is being assigned and is not available yet; try again",
+            )
+            .retry_after(NOT_YET_RETRY_AFTER),
+            Self::RateLimited { retry_after } => ImdsError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                "Too many requests from this pod",
+            )
+            .retry_after(*retry_after),
+            Self::TooManyInFlight => ImdsError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                "Too many requests from this pod in progress",
+            )
+            .retry_after(1),
+            Self::Upstream(e) => upstream_error(e),
+            Self::InstanceMetadataBlocked => ImdsError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "Request blocked by podid-tokend",
+            ),
+            Self::InstanceMetadataDenied => {
+                ImdsError::not_found("Only the managed identity token endpoint is served to pods")
+            }
+        }
+    }
 }
 
-/// Nothing assigns identities yet: every pod has none.
+fn upstream_error(e: &UpstreamError) -> ImdsError {
+    match e {
+        UpstreamError::InvalidResource { description } => ImdsError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_resource",
+            safe_description(description),
+        ),
+        UpstreamError::Forbidden { description } => ImdsError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            safe_description(description),
+        ),
+        UpstreamError::Throttled {
+            retry_after,
+            description,
+        } => ImdsError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            safe_description(description),
+        )
+        .retry_after(*retry_after),
+        UpstreamError::Busy => ImdsError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            "Too many token requests in progress on this node",
+        )
+        .retry_after(1),
+        UpstreamError::Unavailable { .. } => ImdsError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            UPSTREAM_FAILED,
+        ),
+    }
+}
+
+/// An upstream text as a pod may see it: never "unreachable" (Python, JS and Go SDKs read a
+/// 403 saying it as "no IMDS here") nor "Identity not found" (which means "no identity" to
+/// .NET and DefaultAzureCredential), whatever case upstream wrote them in.
+fn safe_description(text: &str) -> String {
+    let mut out = text.to_owned();
+    for (word, replacement) in [
+        ("unreachable", "not reachable"),
+        ("identity not found", "identity was not found"),
+    ] {
+        while let Some(at) = out.to_ascii_lowercase().find(word) {
+            out.replace_range(at..at + word.len(), replacement);
+        }
+    }
+    out
+}
+
+/// What the identity step answers.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// 200 with this success body ([`token_body`]); `cached`: no upstream call was waited for.
+    Token { body: Vec<u8>, cached: bool },
+    /// An error answer.
+    Failure(Failure),
+    /// The node IMDS's answer, passed on as it came.
+    Relay(Relayed),
+}
+
+/// An answer of the node's IMDS, relayed to a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relayed {
+    pub status: StatusCode,
+    pub content_type: Option<String>,
+    pub retry_after: Option<String>,
+    pub body: Bytes,
+}
+
+/// The identity step and the instance metadata policy, behind every pod listener. The token
+/// service plugs in here.
+#[async_trait]
+pub trait ImdsBackend: fmt::Debug + Send + Sync + 'static {
+    /// A token request that passed the checks of [`classify`].
+    async fn token(&self, caller: &Caller, request: TokenRequest) -> Reply;
+    /// A headered instance metadata request.
+    async fn metadata(&self, caller: &Caller, request: MetadataRequest) -> Reply;
+}
+
+/// No identities at all: every token request is "Identity not found", instance metadata is
+/// denied. The backend of the listener's own tests.
+#[cfg(test)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoIdentities;
 
-impl IdentityResolver for NoIdentities {
-    fn resolve<'a>(
-        &'a self,
-        _caller: Caller,
-        _request: &'a TokenRequest,
-    ) -> Pin<Box<dyn Future<Output = IdentityAnswer> + Send + 'a>> {
-        Box::pin(std::future::ready(IdentityAnswer::NotFound))
+#[cfg(test)]
+#[async_trait]
+impl ImdsBackend for NoIdentities {
+    async fn token(&self, _caller: &Caller, _request: TokenRequest) -> Reply {
+        Reply::Failure(Failure::IdentityNotFound)
+    }
+
+    async fn metadata(&self, _caller: &Caller, _request: MetadataRequest) -> Reply {
+        Reply::Failure(Failure::InstanceMetadataDenied)
     }
 }
 
-/// The error answer for an identity decision.
-pub fn identity_error(answer: &IdentityAnswer) -> ImdsError {
-    match answer {
-        IdentityAnswer::NotFound => ImdsError::invalid_request("Identity not found"),
+/// The success body of reference/imds.md (a) "Success response": these keys in this order,
+/// every value a string. `expires_in` counts from `now` (unix seconds) and is at least 1;
+/// `ext_expires_in` is the same; `not_before` is when the token was fetched upstream.
+pub fn token_body(token: &Token, client_id: &str, resource: &str, now: i64) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        access_token: &'a str,
+        client_id: &'a str,
+        expires_in: String,
+        expires_on: String,
+        ext_expires_in: String,
+        not_before: String,
+        refresh_token: &'a str,
+        resource: &'a str,
+        token_type: &'a str,
     }
+    let expires_in = token.expires_on.saturating_sub(now).max(1).to_string();
+    serde_json::to_vec(&Body {
+        access_token: token.access_token(),
+        client_id,
+        expires_in: expires_in.clone(),
+        expires_on: token.expires_on.to_string(),
+        ext_expires_in: expires_in,
+        not_before: token.not_before.to_string(),
+        refresh_token: "",
+        resource,
+        token_type: "Bearer",
+    })
+    .unwrap_or_else(|_| {
+        Failure::Upstream(UpstreamError::unavailable("cannot encode the token"))
+            .error()
+            .body()
+    })
 }
 
 /// Classifies a request, checking in the order real IMDS does (probes depend on it).
 pub fn classify(request: &ImdsRequest<'_>) -> Route {
-    match check(request) {
-        Ok(token) => Route::Token(token),
-        Err(error) => Route::Reject(error),
-    }
+    check(request).unwrap_or_else(Route::Reject)
 }
 
-fn check(request: &ImdsRequest<'_>) -> Result<TokenRequest, ImdsError> {
+fn check(request: &ImdsRequest<'_>) -> Result<Route, ImdsError> {
     // Collapsing repeated '/' and ignoring a trailing one is dropping empty segments.
     let segments: Vec<&str> = request.path.split('/').filter(|s| !s.is_empty()).collect();
     let Some((first, rest)) = segments.split_first() else {
@@ -224,12 +429,29 @@ fn check(request: &ImdsRequest<'_>) -> Result<TokenRequest, ImdsError> {
     }
     let params = parse_query(request.query.unwrap_or(""))?;
     if rest.len() == 3 && starts_with(rest, &["identity", "oauth2", "token"]) {
-        token_request(&params)
+        token_request(&params).map(Route::Token)
+    } else if (starts_with(rest, &["instance"])
+        || (rest.len() == 1 && starts_with(rest, &["versions"])))
+        && rest.iter().all(|s| plain_segment(s))
+    {
+        Ok(Route::Metadata(MetadataRequest {
+            path: format!("/{}", segments.join("/")),
+            query: request.query.map(str::to_owned),
+        }))
     } else {
         Err(ImdsError::not_found(
             "Only the managed identity token endpoint is served to pods",
         ))
     }
+}
+
+/// A path segment forwarded to the node's IMDS: letters, digits, `_` and `-` only, so no dot
+/// segment (`..`, `%2e%2e`) can lead the proxy out of instance metadata (to the node's own
+/// token endpoint).
+fn plain_segment(segment: &str) -> bool {
+    segment
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn starts_with(segments: &[&str], prefix: &[&str]) -> bool {
@@ -297,6 +519,10 @@ fn token_request(params: &Params<'_>) -> Result<TokenRequest, ImdsError> {
         api_version: api_version.to_owned(),
         resource: resource.to_owned(),
         selector,
+        bypass_cache: value("bypass_cache").is_some_and(|v| v.eq_ignore_ascii_case("true")),
+        refresh_sha256: value("token_sha256_to_refresh")
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned),
     })
 }
 
@@ -383,13 +609,13 @@ mod tests {
         fn error(self) -> ImdsError {
             match self.route() {
                 Route::Reject(e) => e,
-                Route::Token(t) => panic!("expected an error, got {t:?}"),
+                other => panic!("expected an error, got {other:?}"),
             }
         }
         fn token(self) -> TokenRequest {
             match self.route() {
                 Route::Token(t) => t,
-                Route::Reject(e) => panic!("expected a token request, got {e}"),
+                other => panic!("expected a token request, got {other:?}"),
             }
         }
     }
@@ -409,12 +635,187 @@ mod tests {
         assert_eq!(t.api_version, "2018-02-01");
         assert_eq!(t.resource, "https://management.azure.com/");
         assert_eq!(t.selector, None);
-        let e = identity_error(&IdentityAnswer::NotFound);
+        assert!(!t.bypass_cache);
+        assert_eq!(t.refresh_sha256, None);
+        let e = Failure::IdentityNotFound.error();
         assert_error(e.clone(), 400, "invalid_request", "Identity not found");
+        assert_eq!(e.retry_after, None);
         assert_eq!(
             e.body(),
             br#"{"error":"invalid_request","error_description":"Identity not found"}"#
         );
+    }
+
+    #[test]
+    fn cache_parameters() {
+        let t = token(&format!("{GOOD_QUERY}&bypass_cache=true")).token();
+        assert!(t.bypass_cache);
+        let t = token(&format!("{GOOD_QUERY}&bypass_cache=TRUE")).token();
+        assert!(t.bypass_cache);
+        let t = token(&format!("{GOOD_QUERY}&bypass_cache=false")).token();
+        assert!(!t.bypass_cache);
+        let t = token(&format!("{GOOD_QUERY}&token_sha256_to_refresh=ab12")).token();
+        assert_eq!(t.refresh_sha256.as_deref(), Some("ab12"));
+        let t = token(&format!("{GOOD_QUERY}&token_sha256_to_refresh=")).token();
+        assert_eq!(t.refresh_sha256, None);
+    }
+
+    #[test]
+    fn instance_metadata_routes() {
+        for (path, query, expected) in [
+            (
+                "/metadata/instance",
+                Some("api-version=2021-02-01"),
+                "/metadata/instance",
+            ),
+            (
+                "//metadata/instance/compute/location/",
+                Some("api-version=2021-02-01&format=text"),
+                "/metadata/instance/compute/location",
+            ),
+            ("/Metadata/versions", None, "/Metadata/versions"),
+        ] {
+            let mut req = get(path);
+            if let Some(q) = query {
+                req = req.query(q);
+            }
+            match req.route() {
+                Route::Metadata(m) => {
+                    assert_eq!(m.path, expected);
+                    assert_eq!(m.query.as_deref(), query);
+                }
+                other => panic!("{path}: {other:?}"),
+            }
+        }
+        // The header check comes first, and duplicates are refused.
+        let e = get("/metadata/instance").metadata(None).error();
+        assert_eq!(e.status, 400);
+        let e = get("/metadata/instance").query("a=1&a=2").error();
+        assert_eq!(e.status, 400);
+        assert_eq!(get("/metadata/versions/x").error().status, 404);
+        // Nothing that could climb out of /metadata/instance reaches the proxy.
+        for path in [
+            "/metadata/instance/../identity/oauth2/token",
+            "/metadata/instance/%2e%2e/identity/oauth2/token",
+            "/metadata/instance/.%2E/identity",
+            "/metadata/instance/compute/./x",
+            "/metadata/instance/a%2fb",
+        ] {
+            assert_eq!(
+                get(path).query("api-version=2021-02-01").error().status,
+                404,
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_failure_has_its_status_in_one_place() {
+        let table: Vec<(Failure, u16, &str, Option<u64>)> = vec![
+            (Failure::IdentityNotFound, 400, "invalid_request", None),
+            (Failure::PodNotFound, 404, "not_found", Some(5)),
+            (Failure::AssignmentPending, 404, "not_found", Some(5)),
+            (
+                Failure::RateLimited { retry_after: 0 },
+                429,
+                "too_many_requests",
+                Some(1),
+            ),
+            (
+                Failure::RateLimited { retry_after: 3 },
+                429,
+                "too_many_requests",
+                Some(3),
+            ),
+            (Failure::TooManyInFlight, 429, "too_many_requests", Some(1)),
+            (Failure::InstanceMetadataBlocked, 403, "forbidden", None),
+            (Failure::InstanceMetadataDenied, 404, "not_found", None),
+            (
+                Failure::Upstream(UpstreamError::InvalidResource {
+                    description: "AADSTS500011: no such resource".into(),
+                }),
+                400,
+                "invalid_resource",
+                None,
+            ),
+            (
+                Failure::Upstream(UpstreamError::Forbidden {
+                    description: "AADSTS7000215: Invalid client secret".into(),
+                }),
+                403,
+                "forbidden",
+                None,
+            ),
+            (
+                Failure::Upstream(UpstreamError::Throttled {
+                    retry_after: 7,
+                    description: "slow down".into(),
+                }),
+                429,
+                "too_many_requests",
+                Some(7),
+            ),
+            (
+                Failure::Upstream(UpstreamError::Busy),
+                429,
+                "too_many_requests",
+                Some(1),
+            ),
+            (
+                Failure::Upstream(UpstreamError::unavailable("connection refused")),
+                500,
+                "server_error",
+                None,
+            ),
+        ];
+        for (failure, status, code, retry_after) in table {
+            let e = failure.error();
+            assert_eq!(e.status.as_u16(), status, "{failure:?}");
+            assert_eq!(e.error, code, "{failure:?}");
+            assert_eq!(e.retry_after, retry_after, "{failure:?}");
+            let body = String::from_utf8(e.body()).unwrap();
+            if failure != Failure::IdentityNotFound {
+                assert!(!body.contains("Identity not found"), "{body}");
+            }
+            assert!(!body.to_ascii_lowercase().contains("unreachable"), "{body}");
+        }
+        let e = Failure::Upstream(UpstreamError::unavailable("secret detail")).error();
+        assert_eq!(e.description, UPSTREAM_FAILED, "details stay in the log");
+    }
+
+    #[test]
+    fn upstream_texts_never_say_the_words_clients_branch_on() {
+        assert_eq!(
+            safe_description("Host UNREACHABLE; Identity not found; unreachable"),
+            "Host not reachable; identity was not found; not reachable"
+        );
+        assert_eq!(
+            safe_description("AADSTS70011: bad scope"),
+            "AADSTS70011: bad scope"
+        );
+    }
+
+    #[test]
+    fn success_body_keys_in_order_all_strings() {
+        let token = Token::new("eyJ.a.b".into(), 1_700_003_600, 1_700_000_000);
+        let body = token_body(&token, "cid", "https://vault.azure.net", 1_700_000_100);
+        let text = String::from_utf8(body).unwrap();
+        assert_eq!(
+            text,
+            r#"{"access_token":"eyJ.a.b","client_id":"cid","expires_in":"3500","expires_on":"1700003600","ext_expires_in":"3500","not_before":"1700000000","refresh_token":"","resource":"https://vault.azure.net","token_type":"Bearer"}"#
+        );
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(
+            value
+                .as_object()
+                .unwrap()
+                .values()
+                .all(serde_json::Value::is_string)
+        );
+        // expires_in never reaches zero.
+        let late = token_body(&token, "cid", "r", 1_700_003_600);
+        let value: serde_json::Value = serde_json::from_slice(&late).unwrap();
+        assert_eq!(value["expires_in"], "1");
     }
 
     #[test]
@@ -540,8 +941,7 @@ mod tests {
             "/metadata/identity/oauth2/token/extra",
             "/metadata/identity/oauth2",
             "/metadata/identity/oauth2token",
-            "/metadata/instance",
-            "/metadata/versions",
+            "/metadata/instances",
             "/metadata/identity/info",
             "/metadata",
         ] {
@@ -688,11 +1088,20 @@ mod tests {
         let caller = Caller {
             netns: NetnsId { dev: 1, ino: 2 },
             port: 2579,
+            pod: Arc::new(PodAttribution::Unnamed),
         };
-        assert_eq!(
-            NoIdentities.resolve(caller, &request).await,
-            IdentityAnswer::NotFound
-        );
+        assert!(matches!(
+            NoIdentities.token(&caller, request).await,
+            Reply::Failure(Failure::IdentityNotFound)
+        ));
+        let metadata = MetadataRequest {
+            path: "/metadata/instance".into(),
+            query: None,
+        };
+        assert!(matches!(
+            NoIdentities.metadata(&caller, metadata).await,
+            Reply::Failure(Failure::InstanceMetadataDenied)
+        ));
     }
 
     proptest! {

@@ -1,16 +1,26 @@
 //! podid-tokend: the node token daemon. It owns one IMDS listener inside every registered
-//! pod's network namespace, registered by the CNI plugin over a unix socket (DESIGN.md).
+//! pod's network namespace, registered by the CNI plugin over a unix socket, and serves each
+//! pod tokens of the Azure identities assigned to it (DESIGN.md).
 
 mod api;
+mod cache;
+mod cluster;
 mod config;
+mod entra;
 mod health;
 mod imds;
+mod limit;
 mod listener;
 mod netns;
 mod node;
+mod node_imds;
 mod registry;
+mod resolve;
+mod service;
 mod spool;
 mod store;
+mod token;
+mod upstream;
 
 use std::fs;
 use std::io::{self, IsTerminal};
@@ -22,6 +32,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use podid_api::matching::MatchPolicy;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::time::MissedTickBehavior;
@@ -29,12 +41,18 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
+use crate::cache::{CacheMetrics, TokenCache};
+use crate::cluster::{Cluster, ClusterMetrics};
 use crate::config::{Config, LogFormat};
-use crate::imds::NoIdentities;
+use crate::entra::Entra;
+use crate::limit::{LimitMetrics, Limits, PodLimiter};
 use crate::listener::{ImdsMetrics, ListenerEnv};
 use crate::node::{Node, NodeMetrics};
+use crate::node_imds::NodeImds;
+use crate::service::{ServiceMetrics, Settings, TokenService};
 use crate::spool::SpoolWatch;
 use crate::store::StateDir;
+use crate::upstream::{Upstream, UpstreamMetrics};
 
 /// How often listeners whose bind failed (the pod took the port) are tried again.
 const BIND_RETRY_INTERVAL: Duration = Duration::from_secs(5);
@@ -96,21 +114,76 @@ fn init_logging(format: LogFormat) -> Result<(), String> {
 async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     info!(
         version = env!("CARGO_PKG_VERSION"),
+        node = %config.node_name,
         socket = %config.socket.display(),
         state_dir = %config.state_dir.display(),
         listener_port = config.listener_port,
         health_addr = %config.health_addr,
+        cluster_wide_bindings = config.cluster_wide_bindings,
+        instance_metadata = ?config.instance_metadata,
         "starting"
     );
     // Before anything else: a SIGTERM during restore must exit cleanly too.
     let mut signals = Signals::new().context("cannot install signal handlers")?;
+    // kube and reqwest both use rustls; ring is the one provider linked.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let extra_roots = match &config.ca_file {
+        Some(path) => {
+            load_ca_file(path).with_context(|| format!("--ca-file {}", path.display()))?
+        }
+        None => Vec::new(),
+    };
+    let client = kube_client(&config).await?;
     let state = StateDir::open(&config.state_dir)
         .with_context(|| format!("--state-dir {}", config.state_dir.display()))?;
     state.write_listener_port(config.listener_port)?;
 
     let mut metrics = prometheus_client::registry::Registry::with_prefix("podid_tokend");
+    let cluster = Arc::new(Cluster::default());
+    let cluster_metrics = ClusterMetrics::register(&mut metrics);
+    let entra = Entra::new(extra_roots).context("cannot set up the HTTPS client for Entra ID")?;
+    let node_imds = NodeImds::new(config.imds_endpoint.clone())
+        .with_context(|| format!("--imds-endpoint {}", config.imds_endpoint))?;
+    let upstream = Arc::new(Upstream::new(
+        entra,
+        node_imds,
+        client.clone(),
+        config.authority_host.clone(),
+        usize::try_from(config.upstream_inflight).unwrap_or(usize::MAX),
+        UpstreamMetrics::register(&mut metrics),
+    ));
+    let cache = TokenCache::new(
+        usize::try_from(config.token_cache_size).unwrap_or(usize::MAX),
+        CacheMetrics::register(&mut metrics),
+    );
+    let limiter = PodLimiter::new(
+        Limits {
+            rps: f64::from(config.pod_rps),
+            burst: f64::from(config.pod_burst),
+            inflight: config.pod_inflight,
+        },
+        LimitMetrics::register(&mut metrics),
+    );
+    let service = Arc::new(
+        TokenService::new(
+            Settings {
+                policy: MatchPolicy {
+                    cluster_wide: config.cluster_wide_bindings,
+                },
+                pod_wait: config.pod_wait,
+                assignment_wait: config.assignment_wait,
+                instance_metadata: config.instance_metadata,
+            },
+            Arc::clone(&cluster),
+            cache,
+            limiter,
+            upstream,
+            ServiceMetrics::register(&mut metrics),
+        )
+        .with_api(client.clone()),
+    );
     let listener_env = Arc::new(ListenerEnv {
-        identity: Arc::new(NoIdentities),
+        backend: Arc::clone(&service) as Arc<dyn imds::ImdsBackend>,
         metrics: ImdsMetrics::register(&mut metrics),
     });
     let node_metrics = NodeMetrics::register(&mut metrics);
@@ -121,6 +194,18 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
         node_metrics,
     ));
     let shutdown = CancellationToken::new();
+    // The watches start before the restore, so they list while listeners are rebuilt.
+    {
+        let (cluster, node_name, shutdown) = (
+            Arc::clone(&cluster),
+            config.node_name.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            cluster::run(client, &node_name, cluster, cluster_metrics, shutdown).await;
+        });
+    }
+    tokio::spawn(Arc::clone(&service).prune(shutdown.clone()));
 
     let health = TcpListener::bind(config.health_addr)
         .await
@@ -128,6 +213,7 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     tokio::spawn(health::serve(
         health,
         Arc::clone(&node),
+        Arc::clone(&cluster),
         Arc::new(metrics),
         shutdown.clone(),
     ));
@@ -180,6 +266,36 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
         warn!("requests still in flight at shutdown were cut");
     }
     Ok(())
+}
+
+/// The Kubernetes client: `--kubeconfig`, else the in-cluster config, else the default
+/// kubeconfig. Nothing is asked of the API server here: tokend starts (and serves its unix
+/// API) while it is unreachable.
+async fn kube_client(config: &Config) -> anyhow::Result<kube::Client> {
+    let kube_config = match &config.kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path)
+                .with_context(|| format!("--kubeconfig {}: reading", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("--kubeconfig {}: loading", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "no --kubeconfig, and neither an in-cluster config nor a default kubeconfig loads",
+        )?,
+    };
+    kube::Client::try_from(kube_config).context("cannot build the Kubernetes client")
+}
+
+/// The CA certificates of a PEM file (at least one).
+fn load_ca_file(path: &Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
+    let pem = fs::read(path).context("cannot read the file")?;
+    let certificates =
+        reqwest::Certificate::from_pem_bundle(&pem).context("not a PEM bundle of certificates")?;
+    if certificates.is_empty() {
+        bail!("the file holds no PEM certificate");
+    }
+    Ok(certificates)
 }
 
 /// The periodic netns check and bind retry.

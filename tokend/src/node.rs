@@ -4,7 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use podid_api::wire::{PodList, PodState, Status};
 use podid_api::{BoundPod, PodKey, PodRecord, RecordError};
@@ -15,10 +15,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{Mutex, MutexGuard};
 use tracing::{debug, error, info, warn};
 
-use crate::imds::Caller;
 use crate::listener::{ListenerEnv, ListenerHandle};
 use crate::netns::{self, NetnsError, NetnsId};
-use crate::registry::{Plan, PortChoice, Registry};
+use crate::registry::{NetnsShared, Plan, PortChoice, Registry};
 use crate::store::{self, ReadOutcome, StateDir, StoreError};
 
 /// Why a registration, removal or lookup failed; the API maps these to statuses in one place.
@@ -288,9 +287,9 @@ impl Node {
                 changed,
             } => {
                 if !live {
-                    let requests = registry.requests(netns).unwrap_or_default();
+                    let shared = registry.shared(netns).unwrap_or_default();
                     let handle = self
-                        .open_listener(&record.netns, netns, port, requests)
+                        .open_listener(&record.netns, netns, port, shared)
                         .await?;
                     if let Err(handle) = registry.set_live(netns, port, handle) {
                         handle.close().await;
@@ -312,14 +311,14 @@ impl Node {
                 port,
                 needs_bind,
                 replaces,
-                requests,
+                shared,
             } => {
                 if replaces {
                     info!(pod = %key, netns = %record.netns, "replacing the pod's earlier registration");
                 }
                 let handle = if needs_bind {
                     Some(
-                        self.open_listener(&record.netns, netns, port, Arc::clone(&requests))
+                        self.open_listener(&record.netns, netns, port, Arc::clone(&shared))
                             .await?,
                     )
                 } else {
@@ -335,7 +334,7 @@ impl Node {
                     }
                     return Err(e.into());
                 }
-                let closed = registry.insert(bound, netns, handle, requests);
+                let closed = registry.insert(bound, netns, handle, shared);
                 close_all(closed).await;
                 self.update_gauges(&registry);
                 Ok(port)
@@ -475,26 +474,26 @@ impl Node {
         };
         // The key's own file under pods/ stays and needs no rewrite; any other source goes.
         let canonical = path == self.state.record_path(&key);
-        let (port, needs_bind, requests, inserts, needs_save) =
+        let (port, needs_bind, shared, inserts, needs_save) =
             match registry.plan(&bound.record, netns, PortChoice::Exact(bound.listener_port)) {
                 Plan::Existing {
                     port,
                     live,
                     changed,
                 } => {
-                    let requests = registry.requests(netns).unwrap_or_default();
-                    (port, !live, requests, changed, changed)
+                    let shared = registry.shared(netns).unwrap_or_default();
+                    (port, !live, shared, changed, changed)
                 }
                 Plan::Register {
                     port,
                     needs_bind,
-                    requests,
+                    shared,
                     ..
-                } => (port, needs_bind, requests, true, !canonical),
+                } => (port, needs_bind, shared, true, !canonical),
             };
         let handle = if needs_bind {
             match self
-                .try_listener(&bound.record.netns, netns, port, &requests)
+                .try_listener(&bound.record.netns, netns, port, &shared)
                 .await
             {
                 Ok(handle) => handle,
@@ -523,7 +522,7 @@ impl Node {
         }
         let mut closed = Vec::new();
         if inserts {
-            closed = registry.insert(bound, netns, handle, requests);
+            closed = registry.insert(bound, netns, handle, shared);
         } else if let Some(handle) = handle
             && let Err(handle) = registry.set_live(netns, port, handle)
         {
@@ -566,7 +565,7 @@ impl Node {
         let mut registry = self.registry.lock().await;
         for target in registry.unbound() {
             let opened = self
-                .open_listener(&target.path, target.netns, target.port, target.requests)
+                .open_listener(&target.path, target.netns, target.port, target.shared)
                 .await;
             match opened {
                 Ok(handle) => {
@@ -592,7 +591,7 @@ impl Node {
         path: &str,
         netns: NetnsId,
         port: u16,
-        requests: Arc<AtomicU64>,
+        shared: Arc<NetnsShared>,
     ) -> Result<ListenerHandle, NodeError> {
         let socket = netns::bind_loopback(Path::new(path), netns, port)
             .await
@@ -601,8 +600,7 @@ impl Node {
                     self.metrics.bind_failures.inc();
                 }
             })?;
-        let caller = Caller { netns, port };
-        ListenerHandle::start(socket, caller, requests, Arc::clone(&self.listener_env)).map_err(
+        ListenerHandle::start(socket, netns, port, shared, Arc::clone(&self.listener_env)).map_err(
             |source| {
                 self.metrics.bind_failures.inc();
                 NodeError::Listener {
@@ -621,10 +619,10 @@ impl Node {
         path: &str,
         netns: NetnsId,
         port: u16,
-        requests: &Arc<AtomicU64>,
+        shared: &Arc<NetnsShared>,
     ) -> Result<Option<ListenerHandle>, NetnsError> {
         match self
-            .open_listener(path, netns, port, Arc::clone(requests))
+            .open_listener(path, netns, port, Arc::clone(shared))
             .await
         {
             Ok(handle) => Ok(Some(handle)),

@@ -2,15 +2,120 @@
 //! network namespace, and which listener (netns, port) each one holds. It decides (existing /
 //! replace / share / new listener / release); the caller does the I/O the decision asks for
 //! and then commits it. `L` is the caller's handle to a live listener.
+//!
+//! It also keeps, per netns, which pod its listeners serve ([`PodAttribution`]): the identity
+//! step reads it on every request, so it lives in [`NetnsShared`], beside the request counter.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use podid_api::wire::PodState;
 use podid_api::{BoundPod, PodKey, PodRecord};
 
 use crate::netns::NetnsId;
+
+/// A Kubernetes pod as its CNI args name it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+impl fmt::Display for PodRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Which pod the listeners of one netns serve, from the records registered in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodAttribution {
+    /// Every record names this pod, with namespace, name and UID.
+    Pod(PodRef),
+    /// No record names a pod completely (a runtime that passes no `K8S_POD_*` args, or no
+    /// `K8S_POD_UID`): the listener matches no identity.
+    Unnamed,
+    /// The records name different pods: fail closed, no identity.
+    Conflicting,
+}
+
+impl PodAttribution {
+    /// The pod named by `records`: one complete (namespace, name, UID) shared by all of them.
+    pub fn of<'a>(records: impl IntoIterator<Item = &'a PodRecord>) -> Self {
+        let named: BTreeSet<Option<PodRef>> = records
+            .into_iter()
+            .map(|r| match (&r.pod_namespace, &r.pod_name, &r.pod_uid) {
+                (Some(namespace), Some(name), Some(uid))
+                    if !namespace.is_empty() && !name.is_empty() && !uid.is_empty() =>
+                {
+                    Some(PodRef {
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                        uid: uid.clone(),
+                    })
+                }
+                _ => None,
+            })
+            .collect();
+        let mut named = named.into_iter();
+        match (named.next(), named.next()) {
+            (Some(Some(pod)), None) => Self::Pod(pod),
+            (Some(None), None) | (None, _) => Self::Unnamed,
+            (Some(_), Some(_)) => Self::Conflicting,
+        }
+    }
+}
+
+/// What the listeners of one netns share: their request counter and the pod they serve.
+#[derive(Debug)]
+pub struct NetnsShared {
+    requests: AtomicU64,
+    pod: RwLock<Arc<PodAttribution>>,
+}
+
+impl Default for NetnsShared {
+    fn default() -> Self {
+        Self {
+            requests: AtomicU64::new(0),
+            pod: RwLock::new(Arc::new(PodAttribution::Unnamed)),
+        }
+    }
+}
+
+impl NetnsShared {
+    /// A new netns's state, serving `pod` from the start (its listener may take requests
+    /// before the registration is committed).
+    pub fn attributed(pod: PodAttribution) -> Self {
+        Self {
+            requests: AtomicU64::new(0),
+            pod: RwLock::new(Arc::new(pod)),
+        }
+    }
+
+    /// Counts one answered request.
+    pub fn count_request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// The pod the netns's listeners serve now.
+    pub fn pod(&self) -> Arc<PodAttribution> {
+        Arc::clone(&self.pod.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn set_pod(&self, pod: PodAttribution) {
+        let mut slot = self.pod.write().unwrap_or_else(PoisonError::into_inner);
+        if **slot != pod {
+            *slot = Arc::new(pod);
+        }
+    }
+}
 
 /// Which port a registration asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,8 +144,8 @@ pub enum Plan {
         needs_bind: bool,
         /// Whether the key was registered elsewhere (another netns or another port).
         replaces: bool,
-        /// The request counter of the netns, shared by all its listeners.
-        requests: Arc<AtomicU64>,
+        /// What the netns's listeners share.
+        shared: Arc<NetnsShared>,
     },
 }
 
@@ -51,7 +156,7 @@ pub struct BindTarget {
     pub port: u16,
     /// Netns path of one of the slot's keys.
     pub path: String,
-    pub requests: Arc<AtomicU64>,
+    pub shared: Arc<NetnsShared>,
 }
 
 /// One registered key, for the periodic netns check.
@@ -79,7 +184,7 @@ struct PodEntry {
 #[derive(Debug)]
 struct NetnsEntry<L> {
     listeners: BTreeMap<u16, Slot<L>>,
-    requests: Arc<AtomicU64>,
+    shared: Arc<NetnsShared>,
 }
 
 #[derive(Debug)]
@@ -136,7 +241,10 @@ impl<L> Registry<L> {
             port,
             needs_bind: !self.is_live(netns, port),
             replaces: current.is_some(),
-            requests: ns.map_or_else(Arc::default, |ns| Arc::clone(&ns.requests)),
+            shared: ns.map_or_else(
+                || Arc::new(NetnsShared::attributed(PodAttribution::of([record]))),
+                |ns| Arc::clone(&ns.shared),
+            ),
         }
     }
 
@@ -147,14 +255,14 @@ impl<L> Registry<L> {
         bound: BoundPod,
         netns: NetnsId,
         live: Option<L>,
-        requests: Arc<AtomicU64>,
+        shared: Arc<NetnsShared>,
     ) -> Vec<L> {
         let key = bound.record.key();
         let port = bound.listener_port;
         let mut closed = Vec::new();
         let ns = self.netns.entry(netns).or_insert_with(|| NetnsEntry {
             listeners: BTreeMap::new(),
-            requests,
+            shared,
         });
         let slot = ns.listeners.entry(port).or_insert_with(|| Slot {
             users: BTreeSet::new(),
@@ -170,6 +278,7 @@ impl<L> Registry<L> {
                 closed.extend(self.release(previous_slot.0, previous_slot.1, &key));
             }
         }
+        self.attribute(netns);
         closed
     }
 
@@ -217,7 +326,7 @@ impl<L> Registry<L> {
                         netns: *netns,
                         port: *port,
                         path,
-                        requests: Arc::clone(&ns.requests),
+                        shared: Arc::clone(&ns.shared),
                     });
                 }
             }
@@ -237,9 +346,9 @@ impl<L> Registry<L> {
             .collect()
     }
 
-    /// The request counter of `netns`, if it has registrations.
-    pub fn requests(&self, netns: NetnsId) -> Option<Arc<AtomicU64>> {
-        self.netns.get(&netns).map(|ns| Arc::clone(&ns.requests))
+    /// What the listeners of `netns` share, if it has registrations.
+    pub fn shared(&self, netns: NetnsId) -> Option<Arc<NetnsShared>> {
+        self.netns.get(&netns).map(|ns| Arc::clone(&ns.shared))
     }
 
     pub fn contains(&self, key: &PodKey) -> bool {
@@ -280,7 +389,7 @@ impl<L> Registry<L> {
             requests: self
                 .netns
                 .get(&entry.netns)
-                .map_or(0, |ns| ns.requests.load(Ordering::Relaxed)),
+                .map_or(0, |ns| ns.shared.requests()),
         }
     }
 
@@ -296,13 +405,30 @@ impl<L> Registry<L> {
         let slot = ns.listeners.get_mut(&port)?;
         slot.users.remove(key);
         if !slot.users.is_empty() {
+            self.attribute(netns);
             return None;
         }
         let live = ns.listeners.remove(&port).and_then(|slot| slot.live);
         if ns.listeners.is_empty() {
             self.netns.remove(&netns);
+        } else {
+            self.attribute(netns);
         }
         live
+    }
+
+    /// Recomputes which pod the listeners of `netns` serve from the records registered there.
+    fn attribute(&self, netns: NetnsId) {
+        let Some(ns) = self.netns.get(&netns) else {
+            return;
+        };
+        let records = ns
+            .listeners
+            .values()
+            .flat_map(|slot| &slot.users)
+            .filter_map(|key| self.pods.get(key))
+            .map(|entry| &entry.bound.record);
+        ns.shared.set_pod(PodAttribution::of(records));
     }
 }
 
@@ -345,7 +471,7 @@ mod tests {
             Plan::Register {
                 port,
                 needs_bind,
-                requests,
+                shared,
                 ..
             } => {
                 let live = needs_bind.then_some(Fake(name));
@@ -353,7 +479,7 @@ mod tests {
                     record,
                     listener_port: port,
                 };
-                (port, reg.insert(bound, netns, live, requests))
+                (port, reg.insert(bound, netns, live, shared))
             }
         }
     }
@@ -453,7 +579,7 @@ mod tests {
         assert_eq!(closed, vec![Fake("a")]);
         assert_eq!(reg.len(), 1);
         assert_eq!(reg.live_listeners(), 1);
-        assert!(reg.requests(NS_A).is_none(), "the old netns is forgotten");
+        assert!(reg.shared(NS_A).is_none(), "the old netns is forgotten");
     }
 
     #[test]
@@ -485,7 +611,9 @@ mod tests {
         );
         assert_eq!(reg.live_listeners(), 1);
         assert_eq!(reg.len(), 2);
-        reg.requests(NS_A).unwrap().fetch_add(3, Ordering::Relaxed);
+        for _ in 0..3 {
+            reg.shared(NS_A).unwrap().count_request();
+        }
         assert!(
             reg.states()
                 .iter()
@@ -543,8 +671,7 @@ mod tests {
         );
         assert_eq!(port, 2600);
         assert_eq!(reg.live_listeners(), 2);
-        let counter = reg.requests(NS_A).unwrap();
-        counter.fetch_add(1, Ordering::Relaxed);
+        reg.shared(NS_A).unwrap().count_request();
         assert!(reg.states().iter().all(|s| s.requests == 1));
     }
 
@@ -576,7 +703,7 @@ mod tests {
     fn unbound_slots_are_listed_and_can_be_opened_later() {
         let mut reg = Registry::<Fake>::default();
         let r = record("a", "eth0", "a");
-        let requests = Arc::new(AtomicU64::new(0));
+        let shared = Arc::new(NetnsShared::default());
         let closed = reg.insert(
             BoundPod {
                 record: r.clone(),
@@ -584,7 +711,7 @@ mod tests {
             },
             NS_A,
             None,
-            requests,
+            shared,
         );
         assert!(closed.is_empty());
         assert!(!reg.state(&r.key()).unwrap().listener_bound);
@@ -628,5 +755,81 @@ mod tests {
         assert_eq!(keys, ["a", "b", "c"]);
         assert_eq!(reg.registered().len(), 3);
         assert_eq!(reg.len(), 3);
+    }
+
+    fn pod_of(cid: &str, namespace: &str, name: &str, uid: Option<&str>) -> PodRecord {
+        let mut r = record(cid, "eth0", cid);
+        r.pod_namespace = Some(namespace.into());
+        r.pod_name = Some(name.into());
+        r.pod_uid = uid.map(Into::into);
+        r
+    }
+
+    #[test]
+    fn attribution_names_one_complete_pod_or_none() {
+        let pod = PodRef {
+            namespace: "ns".into(),
+            name: "web".into(),
+            uid: "u1".into(),
+        };
+        let a = pod_of("a", "ns", "web", Some("u1"));
+        let b = pod_of("b", "ns", "web", Some("u1"));
+        assert_eq!(PodAttribution::of([&a, &b]), PodAttribution::Pod(pod));
+        let no_uid = pod_of("c", "ns", "web", None);
+        assert_eq!(PodAttribution::of([&no_uid]), PodAttribution::Unnamed);
+        let mut bare = record("d", "eth0", "d");
+        bare.pod_namespace = None;
+        bare.pod_name = None;
+        assert_eq!(PodAttribution::of([&bare]), PodAttribution::Unnamed);
+        assert_eq!(PodAttribution::of([]), PodAttribution::Unnamed);
+        let other = pod_of("e", "ns", "web", Some("u2"));
+        assert_eq!(
+            PodAttribution::of([&a, &other]),
+            PodAttribution::Conflicting
+        );
+        assert_eq!(
+            PodAttribution::of([&a, &no_uid]),
+            PodAttribution::Conflicting
+        );
+    }
+
+    #[test]
+    fn a_new_netns_serves_its_pod_before_it_is_committed() {
+        let reg = Registry::<Fake>::default();
+        let r = pod_of("a", "ns", "web", Some("u1"));
+        match reg.plan(&r, NS_A, PortChoice::Configured(2579)) {
+            Plan::Register { shared, .. } => {
+                assert!(matches!(&*shared.pod(), PodAttribution::Pod(p) if p.uid == "u1"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_registry_keeps_each_netns_attribution_current() {
+        let mut reg = Registry::default();
+        let first = pod_of("a", "ns", "web", Some("u1"));
+        register(&mut reg, first, NS_A, PortChoice::Configured(2579), "a");
+        let shared = reg.shared(NS_A).unwrap();
+        assert!(matches!(&*shared.pod(), PodAttribution::Pod(p) if p.uid == "u1"));
+        // A second interface of another pod in the same netns: conflicting, no identity.
+        let mut second = pod_of("b", "ns", "other", Some("u2"));
+        second.netns = "/run/netns/a".into();
+        register(&mut reg, second, NS_A, PortChoice::Configured(2579), "b");
+        assert_eq!(*shared.pod(), PodAttribution::Conflicting);
+        reg.remove(&PodKey::new("b", "eth0")).unwrap();
+        assert!(matches!(&*shared.pod(), PodAttribution::Pod(p) if p.name == "web"));
+        // A changed record on the same slot is seen at once.
+        let renamed = pod_of("a", "ns", "web", Some("u3"));
+        reg.insert(
+            BoundPod {
+                record: renamed,
+                listener_port: 2579,
+            },
+            NS_A,
+            None,
+            Arc::default(),
+        );
+        assert!(matches!(&*shared.pod(), PodAttribution::Pod(p) if p.uid == "u3"));
     }
 }

@@ -19,7 +19,7 @@ fn imds_answers_on_the_pod_listener() {
         return;
     }
     let node = Node::new();
-    let tokend = node.start(&[]);
+    let tokend = node.start(&["--instance-metadata", "deny"]);
     let pod = Netns::new();
     let put = tokend.put(&record("c1", "eth0", &pod));
     assert_eq!(put.status, 200, "{}", put.body);
@@ -310,7 +310,9 @@ fn status_health_and_files() {
         serde_json::json!({"ready": true, "pods": 0, "listenerPort": 2590})
     );
     assert_eq!(node.health("/healthz").body, "ok");
-    assert_eq!(node.health("/readyz").status, 200);
+    eventually("ready once the Kubernetes watches listed", || {
+        node.health("/readyz").status == 200
+    });
     assert_eq!(node.health("/nope").status, 404);
     let metrics = node.health("/metrics").body;
     for name in [
@@ -319,6 +321,12 @@ fn status_health_and_files() {
         "podid_tokend_imds_requests_total{code_class=\"2xx\"}",
         "podid_tokend_registrations_total{op=\"adopt\",result=\"error\"}",
         "podid_tokend_records_dropped_total{reason=\"netns_changed\"}",
+        "podid_tokend_imds_request_duration_seconds_bucket",
+        "podid_tokend_token_cache_lookups_total{result=\"hit\"}",
+        "podid_tokend_upstream_calls_total{type=\"2\"}",
+        "podid_tokend_rate_limited_total{reason=\"rate\"}",
+        "podid_tokend_waits_total{kind=\"assignment\",result=\"timeout\"}",
+        "podid_tokend_kube_synced",
     ] {
         assert!(metrics.contains(name), "{name} missing in\n{metrics}");
     }
@@ -636,6 +644,7 @@ fn invalid_flags_stop_the_program_naming_flag_and_value() {
 
     let out = Command::new(env!("CARGO_BIN_EXE_podid-tokend"))
         .env("PODID_LOG", "info,podid=loud")
+        .args(["--node-name", "node-1"])
         .args(["--state-dir", "/nonexistent-podid-test/never-created"])
         .output()
         .unwrap();

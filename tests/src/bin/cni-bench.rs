@@ -61,7 +61,7 @@ fn main() -> Result<()> {
     for round in 0..WARMUP + pods {
         for offset in 0..chains.len() {
             let which = (round + offset) % chains.len();
-            let (add, del) = add_del(&node, &chains[which].1)?;
+            let (add, del) = add_del(&node, &chains[which].1, round * chains.len() + offset)?;
             if round >= WARMUP {
                 samples[which][0].push(add + del);
                 samples[which][1].push(add);
@@ -113,8 +113,8 @@ fn main() -> Result<()> {
 }
 
 /// One pod sandbox: netns created (not timed), ADD and DEL timed, netns deleted.
-fn add_del(node: &Node, rt: &Runtime) -> Result<(Duration, Duration)> {
-    let pod = node.pod("bench", "pod")?;
+fn add_del(node: &Node, rt: &Runtime, n: usize) -> Result<(Duration, Duration)> {
+    let pod = node.pod("bench", &format!("pod-{n}"))?;
     let start = Instant::now();
     rt.add(&pod.attachment)?;
     let added = Instant::now();

@@ -47,6 +47,9 @@ pub struct ServerOptions {
 pub struct Shared {
     pub store: Store,
     pub stats: Stats,
+    /// Extra latency of live watch events, by resource plural (see
+    /// [`FakeApiServer::delay_watch_events`](super::FakeApiServer::delay_watch_events)).
+    pub watch_delays: watch::WatchDelays,
     pub options: ServerOptions,
     pub shutdown: CancellationToken,
     pub address: String,
@@ -550,7 +553,13 @@ fn start_watch(
         metadata_only,
     };
     let guard = OpenWatch::new(Arc::clone(shared));
-    let lines = watch::stream(&shared.store, request, shared.shutdown.clone()).map(move |line| {
+    let lines = watch::stream(
+        &shared.store,
+        request,
+        shared.watch_delays.clone(),
+        shared.shutdown.clone(),
+    )
+    .map(move |line| {
         let _open = &guard;
         Ok::<_, Infallible>(Frame::data(line))
     });

@@ -19,6 +19,7 @@ mod token;
 mod watch;
 mod write;
 
+pub use kubeconfig::render as kubeconfig;
 pub use server::{FakeApiServer, FakeApiServerBuilder};
 pub use stats::StatsSnapshot;
 pub use token::{ISSUER, decode_claims};

@@ -72,6 +72,7 @@ impl FakeApiServerBuilder {
         let shared = Arc::new(Shared {
             store: Store::new(self.history_limit, self.watch_buffer),
             stats: Stats::default(),
+            watch_delays: Default::default(),
             options: ServerOptions {
                 bookmark_interval: self.bookmark_interval,
                 default_watch_timeout: self.default_watch_timeout,
@@ -174,6 +175,12 @@ impl FakeApiServer {
     /// Drops all retained history: a watch resuming from an earlier version gets `410 Gone`.
     pub fn compact_history(&self) {
         self.shared.store.compact();
+    }
+
+    /// Delays every live watch event of the resource `plural` (e.g. `azureidentitybindings`)
+    /// by `delay`, from now on (zero: no delay). Lists and gets are not delayed.
+    pub fn delay_watch_events(&self, plural: &'static str, delay: Duration) {
+        self.shared.watch_delays.set(plural, delay);
     }
 
     /// Ends every open watch stream, as an API server restart would; clients re-watch.

@@ -1,8 +1,8 @@
 //! One watch stream: the initial or replayed events, then live changes filtered for this watch
 //! (with selector transitions turned into ADDED/DELETED), bookmarks, and the timeout.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,6 +34,30 @@ pub struct WatchRequest {
     pub metadata_only: bool,
 }
 
+/// Extra latency of live watch events by resource plural: separate watch streams of a real API
+/// server deliver with independent delays, so a client can see a pod before a binding created
+/// earlier. Tests set it to make that order certain.
+#[derive(Debug, Clone, Default)]
+pub struct WatchDelays(Arc<Mutex<HashMap<&'static str, Duration>>>);
+
+impl WatchDelays {
+    pub fn set(&self, plural: &'static str, delay: Duration) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(plural, delay);
+    }
+
+    fn of(&self, plural: &str) -> Duration {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(plural)
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
 /// An event waiting to be written; translated only when its turn comes.
 #[derive(Debug)]
 enum Pending {
@@ -52,6 +76,7 @@ struct Watching {
     bookmark: Option<Interval>,
     closed: CancellationToken,
     shutdown: CancellationToken,
+    delays: WatchDelays,
 }
 
 impl Watching {
@@ -145,6 +170,10 @@ impl Watching {
                     Ok(change) => {
                         self.seen_rv = change.rv;
                         if let Some(line) = self.translate(&change) {
+                            let delay = self.delays.of(self.req.res.plural);
+                            if !delay.is_zero() {
+                                tokio::time::sleep(delay).await;
+                            }
                             return Some(line);
                         }
                     }
@@ -162,6 +191,7 @@ impl Watching {
 pub fn stream(
     store: &Store,
     req: WatchRequest,
+    delays: WatchDelays,
     shutdown: CancellationToken,
 ) -> impl Stream<Item = Bytes> + Send + 'static {
     let start = store.watch(req.res, req.namespace.as_deref(), &req.selectors, req.from);
@@ -185,6 +215,7 @@ pub fn stream(
                 bookmark,
                 closed: start.closed,
                 shutdown,
+                delays,
             };
             if watching.req.initial_events_end {
                 let end = watching.bookmark_line(true);

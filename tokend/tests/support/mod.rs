@@ -1,11 +1,18 @@
 //! Harness for the root integration tests: throwaway network namespaces, the real
 //! podid-tokend binary run inside a "node" netns of its own, and tiny raw HTTP clients.
+//!
+//! Every node has a loopback fake Kubernetes API server in the test process, reached from the
+//! node netns through a TCP bridge on the same port, so tokend runs with `--node-name node-1`
+//! and a kubeconfig. [`Node::with_cloud`] adds a mock Entra ID (HTTPS, test CA) and a mock
+//! node IMDS, bridged the same way.
 
 #![allow(dead_code)] // Each test file uses its own part of the harness.
 
+mod cluster;
+
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -17,7 +24,15 @@ use nix::sched::CloneFlags;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use podid_api::{BoundPod, PodRecord};
+use podid_tests::bridge::TcpBridge;
+use podid_tests::fakeapi::FakeApiServer;
+use podid_tests::mocks::entra::EntraMock;
+use podid_tests::mocks::imds::{ImdsMock, ManagedIdentity};
+use podid_tests::mocks::tls::TestCa;
 use serde_json::Value;
+
+#[allow(unused_imports)] // node.rs builds no objects.
+pub use cluster::*;
 
 /// Slack for anything asynchronous (spool adoption, periodic checks, start-up).
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -136,14 +151,7 @@ impl Netns {
         target: &str,
         headers: &[(&str, &str)],
     ) -> io::Result<Response> {
-        let mut stream = self.connect(port)?;
-        let mut head =
-            format!("{method} {target} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n");
-        for (name, value) in headers {
-            head.push_str(&format!("{name}: {value}\r\n"));
-        }
-        head.push_str("\r\n");
-        exchange(&mut stream, head.as_bytes())
+        self.run(|| http(port, method, target, headers))
     }
 
     /// Whether nothing listens on `127.0.0.1:<port>` in this namespace.
@@ -185,6 +193,24 @@ impl Response {
     }
 }
 
+/// One HTTP/1.1 request to `127.0.0.1:<port>` of the calling thread's netns.
+pub fn http(
+    port: u16,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> io::Result<Response> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(WAIT * 3))?;
+    let mut head =
+        format!("{method} {target} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    exchange(&mut stream, head.as_bytes())
+}
+
 fn exchange(stream: &mut (impl Read + Write), request: &[u8]) -> io::Result<Response> {
     stream.write_all(request)?;
     let mut raw = Vec::new();
@@ -205,7 +231,10 @@ fn exchange(stream: &mut (impl Read + Write), request: &[u8]) -> io::Result<Resp
     })
 }
 
-/// A pod record for `container_id`/`ifname` in `netns`, with its current (dev, ino).
+/// A pod record for `container_id`/`ifname` in `netns`, with its current (dev, ino). It
+/// names no pod UID (as from a runtime without `K8S_POD_UID`), so its listener matches no
+/// identity and answers token requests "Identity not found" at once; identity tests use
+/// [`pod_record`] of a pod they created.
 pub fn record(container_id: &str, ifname: &str, netns: &Netns) -> PodRecord {
     let (dev, ino) = netns.id();
     PodRecord {
@@ -216,7 +245,7 @@ pub fn record(container_id: &str, ifname: &str, netns: &Netns) -> PodRecord {
         netns_dev: dev,
         pod_namespace: Some("default".into()),
         pod_name: Some(format!("pod-{container_id}")),
-        pod_uid: Some(format!("uid-{container_id}")),
+        pod_uid: None,
         ips: vec!["10.244.1.7/24".into()],
         network: Some("podid-test".into()),
     }
@@ -231,26 +260,145 @@ pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
-/// A node: its own netns, state dir and socket path, and the tokends started on it.
+/// The name every test node has in Kubernetes.
+pub const NODE_NAME: &str = "node-1";
+
+/// The mock cloud of a node: Entra ID and the node's IMDS, bridged into the node netns.
+#[derive(Debug)]
+pub struct Cloud {
+    pub entra: EntraMock,
+    pub imds: ImdsMock,
+    /// The node VM's own (system-assigned) identity.
+    pub system: ManagedIdentity,
+    pub ca_file: PathBuf,
+    bridges: Vec<TcpBridge>,
+}
+
+impl Cloud {
+    /// `--authority-host` for the mock Entra ID, as the node reaches it.
+    pub fn authority_host(&self) -> String {
+        format!("https://localhost:{}", self.entra.addr().port())
+    }
+
+    /// The v2 token URL of `tenant`, as tokend addresses it.
+    pub fn token_url(&self, tenant: &str) -> String {
+        format!("{}/{tenant}/oauth2/v2.0/token", self.authority_host())
+    }
+}
+
+/// A node: its own netns, state dir and socket path, a fake API server, maybe a mock cloud,
+/// and the tokends started on it.
 #[derive(Debug)]
 pub struct Node {
     pub dir: tempfile::TempDir,
-    pub netns: Netns,
+    pub netns: podid_tests::netns::Netns,
     pub socket: PathBuf,
     pub state: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub api: FakeApiServer,
+    pub cloud: Option<Cloud>,
+    api_bridge: Option<TcpBridge>,
     runs: AtomicUsize,
+    // Last: the runtime serving the fake API server and the mocks goes after them.
+    pub rt: tokio::runtime::Runtime,
+}
+
+/// A bridge listening on `target`'s port on 127.0.0.1 inside `netns`.
+fn bridge(netns: &podid_tests::netns::Netns, target: SocketAddr) -> TcpBridge {
+    let listen = SocketAddr::from(([127, 0, 0, 1], target.port()));
+    TcpBridge::into_netns(netns, listen, target).unwrap()
 }
 
 impl Node {
+    /// A node whose tokend talks to a fake API server (and to no cloud).
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let api = rt.block_on(FakeApiServer::start()).unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig).unwrap();
+        let netns = podid_tests::netns::Netns::new("node").unwrap();
+        netns.exec_ok("ip", &["link", "set", "lo", "up"]).unwrap();
+        let api_bridge = Some(bridge(&netns, api.addr()));
         Self {
             socket: dir.path().join("run/podid/tokend.sock"),
             state: dir.path().join("state"),
-            netns: Netns::new(),
+            kubeconfig,
+            api,
+            cloud: None,
+            api_bridge,
+            netns,
             dir,
             runs: AtomicUsize::new(0),
+            rt,
         }
+    }
+
+    /// A node with a mock Entra ID (test CA, reached as `localhost`) and a mock IMDS whose
+    /// VM has a system-assigned identity.
+    pub fn with_cloud() -> Self {
+        let mut node = Self::new();
+        let ca = std::sync::Arc::new(TestCa::generate().unwrap());
+        let ca_file = node.dir.path().join("ca.pem");
+        ca.write_pem(&ca_file).unwrap();
+        let entra = node
+            .rt
+            .block_on(EntraMock::builder().host("localhost").ca(ca).start())
+            .unwrap();
+        let instance = podid_tests::mocks::imds::InstanceMetadata::default();
+        let system = ManagedIdentity::system_assigned(&instance);
+        let imds = node
+            .rt
+            .block_on(ImdsMock::builder().system_identity(system.clone()).start())
+            .unwrap();
+        let bridges = vec![
+            bridge(&node.netns, entra.addr()),
+            bridge(&node.netns, imds.addr()),
+        ];
+        node.cloud = Some(Cloud {
+            entra,
+            imds,
+            system,
+            ca_file,
+            bridges,
+        });
+        node
+    }
+
+    pub fn cloud(&self) -> &Cloud {
+        self.cloud
+            .as_ref()
+            .expect("a node made with Node::with_cloud")
+    }
+
+    /// Cuts the node off the API server (connections in progress included stay open).
+    pub fn disconnect_api(&mut self) {
+        self.api_bridge = None;
+    }
+
+    /// The flags that connect tokend to this node's cluster and cloud.
+    fn cluster_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--node-name".to_owned(),
+            NODE_NAME.to_owned(),
+            "--kubeconfig".to_owned(),
+            self.kubeconfig.display().to_string(),
+        ];
+        if let Some(cloud) = &self.cloud {
+            args.extend([
+                "--imds-endpoint".to_owned(),
+                format!("http://127.0.0.1:{}", cloud.imds.addr().port()),
+                "--authority-host".to_owned(),
+                cloud.authority_host(),
+                "--ca-file".to_owned(),
+                cloud.ca_file.display().to_string(),
+            ]);
+        }
+        args
     }
 
     pub fn pods_file(&self, container_id: &str, ifname: &str) -> PathBuf {
@@ -295,21 +443,31 @@ impl Node {
         self.spawn_with(&args)
     }
 
-    /// Starts tokend in the node netns with exactly `args`, without waiting.
+    /// Starts tokend in the node netns with the cluster flags and `args`, without waiting; it
+    /// logs at `debug` unless `PODID_TEST_LOG` names another filter.
     pub fn spawn_with(&self, args: &[String]) -> Tokend {
+        let mut args_with_cluster = self.cluster_args();
+        args_with_cluster.extend(args.iter().cloned());
+        let args = &args_with_cluster;
         let run = self.runs.fetch_add(1, Ordering::Relaxed);
         let log = self.dir.path().join(format!("tokend-{run}.log"));
         let stderr = File::create(&log).unwrap();
-        let child = self.netns.run(|| {
-            Command::new(env!("CARGO_BIN_EXE_podid-tokend"))
-                .args(args)
-                .env("PODID_LOG", "debug")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(stderr)
-                .spawn()
-                .unwrap()
-        });
+        let child = self
+            .netns
+            .run(|| {
+                Command::new(env!("CARGO_BIN_EXE_podid-tokend"))
+                    .args(args)
+                    .env(
+                        "PODID_LOG",
+                        std::env::var("PODID_TEST_LOG").unwrap_or_else(|_| "debug".into()),
+                    )
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(stderr)
+                    .spawn()
+                    .unwrap()
+            })
+            .unwrap();
         Tokend {
             child,
             log,
@@ -342,7 +500,10 @@ impl Node {
 
     /// GET on the health address, from inside the node netns.
     pub fn health(&self, path: &str) -> Response {
-        self.netns.request(HEALTH_PORT, "GET", path, &[]).unwrap()
+        self.netns
+            .run(|| http(HEALTH_PORT, "GET", path, &[]))
+            .unwrap()
+            .unwrap()
     }
 
     /// The value of one metric sample line (`name{labels}`), 0 when absent.
