@@ -68,7 +68,7 @@ fn a_bridge_lets_the_node_reach_a_server_of_the_test_process() {
     let target = server.local_addr().unwrap();
     let served = answer_once(server, "host");
     let bridge =
-        TcpBridge::into_netns(&node.netns, "127.0.0.1:6443".parse().unwrap(), target).unwrap();
+        TcpBridge::into_netns(&node.netns, "127.0.0.1:7443".parse().unwrap(), target).unwrap();
     let answer = node.netns.run(|| ask(bridge.addr()).unwrap()).unwrap();
     assert_eq!(answer, "host:ping");
     served.join().unwrap();
@@ -77,7 +77,7 @@ fn a_bridge_lets_the_node_reach_a_server_of_the_test_process() {
     drop(bridge);
     let refused = node
         .netns
-        .run(|| ask("127.0.0.1:6443".parse().unwrap()).is_err())
+        .run(|| ask("127.0.0.1:7443".parse().unwrap()).is_err())
         .unwrap();
     assert!(refused, "a dropped bridge stops listening");
 }
