@@ -15,6 +15,7 @@
 //! and the time; the shell spawns the flights.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use futures::FutureExt as _;
@@ -337,6 +338,9 @@ impl CacheMetrics {
 pub struct TokenCache {
     state: Mutex<State>,
     metrics: CacheMetrics,
+    /// Bumped whenever a cached token may have changed or gone (a flight completed, keys
+    /// dropped or evicted): answers rendered from the cache are stale once it moves.
+    generation: AtomicU64,
 }
 
 impl TokenCache {
@@ -344,7 +348,23 @@ impl TokenCache {
         Arc::new(Self {
             state: Mutex::new(State::new(capacity)),
             metrics,
+            generation: AtomicU64::new(0),
         })
+    }
+
+    /// See the field: read it before looking a token up.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Counts a token served again without a lookup (a listener's memo of this same answer,
+    /// valid while [`TokenCache::generation`] has not moved).
+    pub fn count_repeat_hit(&self) {
+        self.metrics.lookup("hit");
+    }
+
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -378,6 +398,9 @@ impl TokenCache {
             });
             let evicted = state.evictions;
             state.evictions = 0;
+            if evicted > 0 {
+                self.bump();
+            }
             self.metrics.evictions.inc_by(evicted);
             self.metrics
                 .entries
@@ -408,6 +431,9 @@ impl TokenCache {
     pub fn retain(&self, keep: impl Fn(&IdentityKey) -> bool) {
         let mut state = self.lock();
         let dropped = state.retain(keep);
+        if dropped > 0 {
+            self.bump();
+        }
         self.metrics.dropped.inc_by(dropped as u64);
         self.metrics
             .entries
@@ -416,6 +442,8 @@ impl TokenCache {
 
     fn complete(&self, key: &CacheKey, id: u64, result: &FetchResult) {
         self.lock().complete(key, id, result);
+        // After the state changed: a reader that saw the old generation also saw the old token.
+        self.bump();
     }
 }
 

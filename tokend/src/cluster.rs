@@ -536,6 +536,12 @@ impl Cluster {
         self.index.read().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The change counter: it moves after every change of the index, so a decision made from
+    /// the index after reading it is current while the counter stays the same.
+    pub fn generation(&self) -> u64 {
+        *self.changes.borrow()
+    }
+
     /// A receiver that sees every later change.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()

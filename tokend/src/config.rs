@@ -91,6 +91,11 @@ pub struct Config {
     #[arg(long, env = "PODID_POD_INFLIGHT", value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub pod_inflight: u32,
 
+    /// Pod connections open at once on all listeners together (each pod may hold 64); at the
+    /// cap a new connection is closed at once.
+    #[arg(long, env = "PODID_MAX_CONNECTIONS", value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    pub max_connections: u32,
+
     /// Calls to Entra ID and the node's IMDS in progress at once, node-wide.
     #[arg(long, env = "PODID_UPSTREAM_INFLIGHT", value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     pub upstream_inflight: u32,
@@ -298,6 +303,7 @@ mod tests {
             (50, 100, 16)
         );
         assert_eq!(config.upstream_inflight, 64);
+        assert_eq!(config.max_connections, 1024);
         assert_eq!(
             config.authority_host.as_str(),
             "https://login.microsoftonline.com/"
@@ -327,6 +333,8 @@ mod tests {
             "2",
             "--upstream-inflight",
             "9",
+            "--max-connections",
+            "33",
             "--authority-host",
             "https://login.microsoftonline.us",
             "--ca-file",
@@ -348,6 +356,7 @@ mod tests {
             (5, 7, 2)
         );
         assert_eq!(config.upstream_inflight, 9);
+        assert_eq!(config.max_connections, 33);
         assert_eq!(
             config.authority_host.host_str(),
             Some("login.microsoftonline.us")

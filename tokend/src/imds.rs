@@ -309,8 +309,13 @@ fn safe_description(text: &str) -> String {
 /// What the identity step answers.
 #[derive(Debug, Clone)]
 pub enum Reply {
-    /// 200 with this success body ([`token_body`]); `cached`: no upstream call was waited for.
-    Token { body: Vec<u8>, cached: bool },
+    /// 200 with this success body ([`token_body`]), whose `expires_in` counts from the unix
+    /// second `rendered_at`; `cached`: no upstream call was waited for.
+    Token {
+        body: Bytes,
+        cached: bool,
+        rendered_at: i64,
+    },
     /// An error answer.
     Failure(Failure),
     /// The node IMDS's answer, passed on as it came.
@@ -334,6 +339,29 @@ pub trait ImdsBackend: fmt::Debug + Send + Sync + 'static {
     async fn token(&self, caller: &Caller, request: TokenRequest) -> Reply;
     /// A headered instance metadata request.
     async fn metadata(&self, caller: &Caller, request: MetadataRequest) -> Reply;
+
+    /// The generation of everything a cached token answer depends on besides the request, the
+    /// pod and the clock. A listener may answer a request byte-identical to one it answered
+    /// with a cached token, from the same pod within the same second, with that same answer
+    /// while the generation is unchanged; read it *before* [`ImdsBackend::token`]. `None`:
+    /// never.
+    fn generation(&self) -> Option<Generation> {
+        None
+    }
+
+    /// Admits a request the listener answers from its memo (the pod's rate limit still
+    /// applies); `Err` is the answer to send instead.
+    fn admit_repeat(&self, _caller: &Caller) -> Result<(), Reply> {
+        Ok(())
+    }
+}
+
+/// See [`ImdsBackend::generation`]: changes whenever the cluster view or the token cache
+/// changes (each counter only grows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Generation {
+    pub cluster: u64,
+    pub cache: u64,
 }
 
 /// No identities at all: every token request is "Identity not found", instance metadata is
@@ -371,7 +399,10 @@ pub fn token_body(token: &Token, client_id: &str, resource: &str, now: i64) -> V
         token_type: &'a str,
     }
     let expires_in = token.expires_on.saturating_sub(now).max(1).to_string();
-    serde_json::to_vec(&Body {
+    // The keys, quotes and numbers take about 200 bytes: one allocation, no regrowth.
+    let mut out =
+        Vec::with_capacity(token.access_token().len() + client_id.len() + resource.len() + 256);
+    let body = Body {
         access_token: token.access_token(),
         client_id,
         expires_in: expires_in.clone(),
@@ -381,12 +412,13 @@ pub fn token_body(token: &Token, client_id: &str, resource: &str, now: i64) -> V
         refresh_token: "",
         resource,
         token_type: "Bearer",
-    })
-    .unwrap_or_else(|_| {
-        Failure::Upstream(UpstreamError::unavailable("cannot encode the token"))
+    };
+    match serde_json::to_writer(&mut out, &body) {
+        Ok(()) => out,
+        Err(_) => Failure::Upstream(UpstreamError::unavailable("cannot encode the token"))
             .error()
-            .body()
-    })
+            .body(),
+    }
 }
 
 /// Classifies a request, checking in the order real IMDS does (probes depend on it).

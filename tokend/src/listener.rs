@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -24,8 +24,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::imds::{self, Caller, ImdsBackend, ImdsRequest, Reply, Route};
-use crate::registry::NetnsShared;
+use crate::imds::{self, Caller, Generation, ImdsBackend, ImdsRequest, Reply, Route};
+use crate::registry::{NetnsShared, PodAttribution};
+use crate::token::unix_now;
 
 /// Connections one pod may hold open at once: a pod must not exhaust tokend's descriptors.
 const MAX_CONNECTIONS_PER_LISTENER: usize = 64;
@@ -81,11 +82,63 @@ impl ImdsMetrics {
     }
 }
 
-/// What every pod listener shares: the identity step and the metrics.
+/// What every pod listener shares: the identity step, the metrics and the node-wide bound on
+/// open connections.
 #[derive(Debug)]
 pub struct ListenerEnv {
-    pub backend: Arc<dyn ImdsBackend>,
-    pub metrics: ImdsMetrics,
+    backend: Arc<dyn ImdsBackend>,
+    metrics: ImdsMetrics,
+    connections: Arc<Semaphore>,
+}
+
+impl ListenerEnv {
+    /// `max_connections`: pod connections open at once on all listeners together.
+    pub fn new(
+        backend: Arc<dyn ImdsBackend>,
+        metrics: ImdsMetrics,
+        max_connections: usize,
+    ) -> Self {
+        Self {
+            backend,
+            metrics,
+            connections: Arc::new(Semaphore::new(max_connections.max(1))),
+        }
+    }
+}
+
+/// The last answer of a listener that may be sent again as it is: a cached token (see
+/// [`ImdsBackend::generation`]). The checks of [`imds::classify`] read only the method, path,
+/// query, `Metadata` value and whether `X-Forwarded-For` is present, so a request equal in
+/// these is classified the same; with the same pod (the same record set), the same generation
+/// and the same second, the backend would render the same body.
+#[derive(Debug)]
+struct Memo {
+    path: Box<str>,
+    query: Box<str>,
+    metadata: Box<[u8]>,
+    pod: Arc<PodAttribution>,
+    generation: Generation,
+    second: i64,
+    body: Bytes,
+}
+
+impl Memo {
+    fn answers(
+        &self,
+        request: &ImdsRequest<'_>,
+        pod: &Arc<PodAttribution>,
+        generation: Generation,
+        second: i64,
+    ) -> bool {
+        request.method == "GET"
+            && !request.forwarded_for
+            && self.second == second
+            && self.generation == generation
+            && Arc::ptr_eq(&self.pod, pod)
+            && *self.path == *request.path
+            && request.query.is_some_and(|q| *self.query == *q)
+            && request.metadata.is_some_and(|m| *self.metadata == *m)
+    }
 }
 
 #[derive(Debug)]
@@ -94,6 +147,7 @@ struct Context {
     port: u16,
     shared: Arc<NetnsShared>,
     env: Arc<ListenerEnv>,
+    memo: Mutex<Option<Memo>>,
 }
 
 /// An open pod listener. Dropping it stops the accept loop and its connections;
@@ -123,6 +177,7 @@ impl ListenerHandle {
             port,
             shared,
             env,
+            memo: Mutex::new(None),
         });
         let task = tokio::spawn(accept_loop(listener, context, cancel.clone()));
         Ok(Self {
@@ -168,13 +223,17 @@ async fn accept_loop(listener: TcpListener, context: Arc<Context>, cancel: Cance
             }
         };
         let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
-            debug!(netns = %context.netns, port = context.port, "connection refused: too many open");
+            debug!(netns = %context.netns, port = context.port, "connection refused: too many open in this pod");
+            continue;
+        };
+        let Ok(node_permit) = Arc::clone(&context.env.connections).try_acquire_owned() else {
+            debug!(netns = %context.netns, port = context.port, "connection refused: too many open on the node (--max-connections)");
             continue;
         };
         let context = Arc::clone(&context);
         let cancel = cancel.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permits = (permit, node_permit);
             let service_context = Arc::clone(&context);
             let service = service_fn(move |request| {
                 let context = Arc::clone(&service_context);
@@ -204,26 +263,35 @@ async fn answer(context: &Context, request: &Request<Incoming>) -> Response<Full
         metadata: headers.get("metadata").map(HeaderValue::as_bytes),
         forwarded_for: headers.contains_key("x-forwarded-for"),
     };
-    let caller = || Caller {
+    let caller = Caller {
         netns: context.netns,
         port: context.port,
         pod: context.shared.pod(),
     };
-    let (route, reply) = match imds::classify(&imds_request) {
-        Route::Reject(error) => ("checks", Err(error)),
-        Route::Token(token) => (
-            "token",
-            Ok(context.env.backend.token(&caller(), token).await),
-        ),
-        Route::Metadata(metadata) => (
-            "metadata",
-            Ok(context.env.backend.metadata(&caller(), metadata).await),
-        ),
+    // Read before the backend looks at anything: a change after this moves it.
+    let generation = context.env.backend.generation();
+    let (route, reply) = match repeat(context, &imds_request, &caller, generation) {
+        Some(reply) => ("token", Ok(reply)),
+        None => match imds::classify(&imds_request) {
+            Route::Reject(error) => ("checks", Err(error)),
+            Route::Token(token) => {
+                let memoizable = !token.bypass_cache && token.refresh_sha256.is_none();
+                let reply = context.env.backend.token(&caller, token).await;
+                if memoizable {
+                    remember(context, &imds_request, &caller, generation, &reply);
+                }
+                ("token", Ok(reply))
+            }
+            Route::Metadata(metadata) => (
+                "metadata",
+                Ok(context.env.backend.metadata(&caller, metadata).await),
+            ),
+        },
     };
     let (response, cached) = match reply {
         Err(error) => (error_response(&error), false),
         Ok(Reply::Failure(failure)) => (error_response(&failure.error()), false),
-        Ok(Reply::Token { body, cached }) => (json_response(StatusCode::OK, body), cached),
+        Ok(Reply::Token { body, cached, .. }) => (json_response(StatusCode::OK, body), cached),
         Ok(Reply::Relay(relayed)) => {
             let mut response = Response::new(Full::new(relayed.body));
             *response.status_mut() = relayed.status;
@@ -256,8 +324,68 @@ async fn answer(context: &Context, request: &Request<Incoming>) -> Response<Full
     response
 }
 
-fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+/// The listener's memo of this very answer, when it still holds (the backend admits it as a
+/// request of the pod first); `None`: the request takes the full path.
+fn repeat(
+    context: &Context,
+    request: &ImdsRequest<'_>,
+    caller: &Caller,
+    generation: Option<Generation>,
+) -> Option<Reply> {
+    let generation = generation?;
+    let (body, rendered_at) = {
+        let memo = context.memo.lock().unwrap_or_else(PoisonError::into_inner);
+        let memo = memo.as_ref()?;
+        if !memo.answers(request, &caller.pod, generation, unix_now()) {
+            return None;
+        }
+        (memo.body.clone(), memo.second)
+    };
+    Some(match context.env.backend.admit_repeat(caller) {
+        Ok(()) => Reply::Token {
+            body,
+            cached: true,
+            rendered_at,
+        },
+        Err(refused) => refused,
+    })
+}
+
+/// Keeps `reply` as the listener's memo if it is a token answered from the cache.
+fn remember(
+    context: &Context,
+    request: &ImdsRequest<'_>,
+    caller: &Caller,
+    generation: Option<Generation>,
+    reply: &Reply,
+) {
+    let (
+        Some(generation),
+        Reply::Token {
+            body,
+            cached: true,
+            rendered_at,
+        },
+        Some(query),
+        Some(metadata),
+    ) = (generation, reply, request.query, request.metadata)
+    else {
+        return;
+    };
+    let memo = Memo {
+        path: request.path.into(),
+        query: query.into(),
+        metadata: metadata.into(),
+        pod: Arc::clone(&caller.pod),
+        generation,
+        second: *rendered_at,
+        body: body.clone(),
+    };
+    *context.memo.lock().unwrap_or_else(PoisonError::into_inner) = Some(memo);
+}
+
+fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response
         .headers_mut()
@@ -286,10 +414,7 @@ mod tests {
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = ImdsMetrics::register(&mut registry);
         (
-            Arc::new(ListenerEnv {
-                backend: Arc::new(NoIdentities),
-                metrics,
-            }),
+            Arc::new(ListenerEnv::new(Arc::new(NoIdentities), metrics, 1024)),
             registry,
         )
     }
@@ -398,10 +523,11 @@ mod tests {
         let shared = Arc::new(NetnsShared::attributed(pod.clone()));
         let backend = Arc::new(Scripted::default());
         let mut registry = prometheus_client::registry::Registry::default();
-        let env = Arc::new(ListenerEnv {
-            backend: Arc::clone(&backend) as Arc<dyn ImdsBackend>,
-            metrics: ImdsMetrics::register(&mut registry),
-        });
+        let env = Arc::new(ListenerEnv::new(
+            Arc::clone(&backend) as Arc<dyn ImdsBackend>,
+            ImdsMetrics::register(&mut registry),
+            1024,
+        ));
         let netns = NetnsId { dev: 1, ino: 3 };
         let handle = ListenerHandle::start(std_listener, netns, port, shared, env).unwrap();
         let out = tokio::task::spawn_blocking(move || {
@@ -433,5 +559,302 @@ mod tests {
             "{text}"
         );
         handle.close().await;
+    }
+
+    /// A backend answering every token request with a 200 marked cached or not, under a
+    /// generation the test moves; it counts calls and can refuse repeats.
+    #[derive(Debug)]
+    struct Tokens {
+        cached: std::sync::atomic::AtomicBool,
+        generation: std::sync::Mutex<Generation>,
+        calls: std::sync::atomic::AtomicUsize,
+        repeats: std::sync::atomic::AtomicUsize,
+        refuse_repeats: std::sync::atomic::AtomicBool,
+    }
+
+    impl Tokens {
+        fn new() -> Arc<Self> {
+            Arc::new(Self {
+                cached: true.into(),
+                generation: std::sync::Mutex::new(Generation {
+                    cluster: 0,
+                    cache: 0,
+                }),
+                calls: 0.into(),
+                repeats: 0.into(),
+                refuse_repeats: false.into(),
+            })
+        }
+
+        fn calls(&self) -> usize {
+            self.calls.load(std::sync::atomic::Ordering::SeqCst)
+        }
+
+        fn repeats(&self) -> usize {
+            self.repeats.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ImdsBackend for Tokens {
+        async fn token(&self, _caller: &Caller, request: imds::TokenRequest) -> Reply {
+            let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Reply::Token {
+                body: Bytes::from(format!(r#"{{"n":{n},"resource":"{}"}}"#, request.resource)),
+                cached: self.cached.load(std::sync::atomic::Ordering::SeqCst),
+                rendered_at: unix_now(),
+            }
+        }
+
+        async fn metadata(&self, _caller: &Caller, _request: imds::MetadataRequest) -> Reply {
+            Reply::Failure(imds::Failure::InstanceMetadataDenied)
+        }
+
+        fn generation(&self) -> Option<Generation> {
+            Some(*self.generation.lock().unwrap())
+        }
+
+        fn admit_repeat(&self, _caller: &Caller) -> Result<(), Reply> {
+            self.repeats
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self
+                .refuse_repeats
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(Reply::Failure(imds::Failure::RateLimited {
+                    retry_after: 1,
+                }));
+            }
+            Ok(())
+        }
+    }
+
+    const TOKEN: &str = "GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=r HTTP/1.1\r\nHost: x\r\nMetadata: true\r\nConnection: close\r\n\r\n";
+
+    struct MemoRig {
+        port: u16,
+        shared: Arc<NetnsShared>,
+        backend: Arc<Tokens>,
+        handle: ListenerHandle,
+    }
+
+    fn memo_rig() -> MemoRig {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let port = std_listener.local_addr().unwrap().port();
+        let shared = Arc::new(NetnsShared::attributed(pod_a()));
+        let backend = Tokens::new();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let env = Arc::new(ListenerEnv::new(
+            Arc::clone(&backend) as Arc<dyn ImdsBackend>,
+            ImdsMetrics::register(&mut registry),
+            1024,
+        ));
+        let netns = NetnsId { dev: 1, ino: 4 };
+        let handle =
+            ListenerHandle::start(std_listener, netns, port, Arc::clone(&shared), env).unwrap();
+        MemoRig {
+            port,
+            shared,
+            backend,
+            handle,
+        }
+    }
+
+    fn pod_a() -> PodAttribution {
+        PodAttribution::Pod(crate::registry::PodRef {
+            namespace: "ns".into(),
+            name: "a".into(),
+            uid: "ua".into(),
+        })
+    }
+
+    /// Waits until just after the start of a unix second, so that the next few requests
+    /// (well under a second) fall within one second.
+    async fn second_start() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        let into = Duration::from_nanos(u64::from(now.subsec_nanos()));
+        tokio::time::sleep(Duration::from_secs(1) - into + Duration::from_millis(5)).await;
+    }
+
+    async fn send(port: u16, request: &'static str) -> String {
+        tokio::task::spawn_blocking(move || exchange(port, request))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_repeated_cached_answer_is_served_from_the_memo_within_its_second() {
+        let rig = memo_rig();
+        second_start().await;
+        let first = send(rig.port, TOKEN).await;
+        let second = send(rig.port, TOKEN).await;
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+        assert!(first.ends_with(r#"{"n":0,"resource":"r"}"#), "{first}");
+        assert!(second.ends_with(r#"{"n":0,"resource":"r"}"#), "{second}");
+        assert_eq!((rig.backend.calls(), rig.backend.repeats()), (1, 1));
+        assert_eq!(rig.shared.requests(), 2);
+
+        // The pod's limit still applies to a repeat: its refusal is the answer.
+        rig.backend
+            .refuse_repeats
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let refused = send(rig.port, TOKEN).await;
+        assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+        assert!(refused.contains("retry-after: 1\r\n"), "{refused}");
+        assert_eq!((rig.backend.calls(), rig.backend.repeats()), (1, 2));
+
+        // A new second renders again (expires_in moves).
+        second_start().await;
+        let later = send(rig.port, TOKEN).await;
+        assert!(later.ends_with(r#"{"n":1,"resource":"r"}"#), "{later}");
+        rig.handle.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_memo_is_dropped_by_every_change_it_depends_on() {
+        let rig = memo_rig();
+        let expect_new = |what: &str, before: usize| {
+            assert_eq!(
+                rig.backend.calls(),
+                before + 1,
+                "{what}: the backend was asked"
+            );
+        };
+        second_start().await;
+        send(rig.port, TOKEN).await;
+
+        // The cluster view changed.
+        let before = rig.backend.calls();
+        rig.backend.generation.lock().unwrap().cluster += 1;
+        send(rig.port, TOKEN).await;
+        expect_new("cluster", before);
+
+        // The token cache changed.
+        let before = rig.backend.calls();
+        rig.backend.generation.lock().unwrap().cache += 1;
+        send(rig.port, TOKEN).await;
+        expect_new("cache", before);
+
+        // The netns's records now name another pod.
+        let before = rig.backend.calls();
+        rig.shared
+            .set_pod(PodAttribution::Pod(crate::registry::PodRef {
+                namespace: "ns".into(),
+                name: "b".into(),
+                uid: "ub".into(),
+            }));
+        send(rig.port, TOKEN).await;
+        expect_new("pod", before);
+
+        // Another query, other header spellings, X-Forwarded-For.
+        for (what, request) in [
+            (
+                "query",
+                "GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=s HTTP/1.1\r\nHost: x\r\nMetadata: true\r\nConnection: close\r\n\r\n",
+            ),
+            (
+                "metadata value",
+                "GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=r HTTP/1.1\r\nHost: x\r\nMetadata: True\r\nConnection: close\r\n\r\n",
+            ),
+            (
+                "path",
+                "GET /metadata/identity/oauth2/token/?api-version=2018-02-01&resource=r HTTP/1.1\r\nHost: x\r\nMetadata: true\r\nConnection: close\r\n\r\n",
+            ),
+        ] {
+            send(rig.port, TOKEN).await;
+            let before = rig.backend.calls();
+            send(rig.port, request).await;
+            expect_new(what, before);
+        }
+        send(rig.port, TOKEN).await;
+        let before = rig.backend.calls();
+        let forwarded = send(rig.port, "GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=r HTTP/1.1\r\nHost: x\r\nMetadata: true\r\nX-Forwarded-For: 10.0.0.1\r\nConnection: close\r\n\r\n").await;
+        assert!(forwarded.starts_with("HTTP/1.1 400"), "{forwarded}");
+        assert_eq!(rig.backend.calls(), before, "rejected by the checks");
+
+        // A bypass_cache request is never answered from the memo, nor remembered.
+        for _ in 0..2 {
+            let before = rig.backend.calls();
+            send(rig.port, "GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=r&bypass_cache=true HTTP/1.1\r\nHost: x\r\nMetadata: true\r\nConnection: close\r\n\r\n").await;
+            expect_new("bypass_cache", before);
+        }
+
+        // An answer that waited for upstream is not remembered.
+        rig.backend
+            .cached
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        rig.backend.generation.lock().unwrap().cache += 1;
+        for _ in 0..2 {
+            let before = rig.backend.calls();
+            send(rig.port, TOKEN).await;
+            expect_new("uncached", before);
+        }
+        rig.handle.close().await;
+    }
+
+    #[test]
+    fn a_memo_answers_only_the_same_request_in_the_same_second() {
+        let pod = Arc::new(pod_a());
+        let generation = Generation {
+            cluster: 3,
+            cache: 4,
+        };
+        let memo = Memo {
+            path: "/metadata/identity/oauth2/token".into(),
+            query: "api-version=2018-02-01&resource=r".into(),
+            metadata: (*b"true").into(),
+            pod: Arc::clone(&pod),
+            generation,
+            second: 100,
+            body: Bytes::from_static(b"{}"),
+        };
+        let request = ImdsRequest {
+            method: "GET",
+            path: "/metadata/identity/oauth2/token",
+            query: Some("api-version=2018-02-01&resource=r"),
+            metadata: Some(b"true"),
+            forwarded_for: false,
+        };
+        assert!(memo.answers(&request, &pod, generation, 100));
+        assert!(!memo.answers(&request, &pod, generation, 101), "second");
+        assert!(
+            !memo.answers(&request, &Arc::new(pod_a()), generation, 100),
+            "another record set, even naming the same pod"
+        );
+        for (what, other) in [
+            (
+                "method",
+                ImdsRequest {
+                    method: "POST",
+                    ..request
+                },
+            ),
+            (
+                "xff",
+                ImdsRequest {
+                    forwarded_for: true,
+                    ..request
+                },
+            ),
+            (
+                "no metadata",
+                ImdsRequest {
+                    metadata: None,
+                    ..request
+                },
+            ),
+            (
+                "no query",
+                ImdsRequest {
+                    query: None,
+                    ..request
+                },
+            ),
+        ] {
+            assert!(!memo.answers(&other, &pod, generation, 100), "{what}");
+        }
     }
 }

@@ -182,10 +182,11 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
         )
         .with_api(client.clone()),
     );
-    let listener_env = Arc::new(ListenerEnv {
-        backend: Arc::clone(&service) as Arc<dyn imds::ImdsBackend>,
-        metrics: ImdsMetrics::register(&mut metrics),
-    });
+    let listener_env = Arc::new(ListenerEnv::new(
+        Arc::clone(&service) as Arc<dyn imds::ImdsBackend>,
+        ImdsMetrics::register(&mut metrics),
+        usize::try_from(config.max_connections).unwrap_or(usize::MAX),
+    ));
     let node_metrics = NodeMetrics::register(&mut metrics);
     let node = Arc::new(Node::new(
         config.listener_port,

@@ -109,7 +109,7 @@ impl NetnsShared {
         Arc::clone(&self.pod.read().unwrap_or_else(PoisonError::into_inner))
     }
 
-    fn set_pod(&self, pod: PodAttribution) {
+    pub(crate) fn set_pod(&self, pod: PodAttribution) {
         let mut slot = self.pod.write().unwrap_or_else(PoisonError::into_inner);
         if **slot != pod {
             *slot = Arc::new(pod);

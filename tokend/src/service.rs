@@ -20,7 +20,9 @@ use tracing::{debug, info, warn};
 use crate::cache::{CacheKey, Fetch, Freshness, Source, TokenCache};
 use crate::cluster::{Cluster, IdentityKey, fresher_view};
 use crate::config::InstanceMetadata;
-use crate::imds::{Caller, Failure, ImdsBackend, MetadataRequest, Reply, TokenRequest, token_body};
+use crate::imds::{
+    Caller, Failure, Generation, ImdsBackend, MetadataRequest, Reply, TokenRequest, token_body,
+};
 use crate::limit::{PodLimiter, Refusal};
 use crate::registry::{PodAttribution, PodRef};
 use crate::resolve::{Resolution, Target, resolve};
@@ -373,9 +375,11 @@ impl TokenService {
             .filter(|c| !c.is_empty())
             .or(served.token.client_id.as_deref())
             .unwrap_or_default();
+        let rendered_at = unix_now();
         Reply::Token {
-            body: token_body(&served.token, client_id, &request.resource, unix_now()),
+            body: token_body(&served.token, client_id, &request.resource, rendered_at).into(),
             cached,
+            rendered_at,
         }
     }
 
@@ -442,6 +446,23 @@ impl ImdsBackend for TokenService {
                 info!(netns = %caller.netns, "the listener's records name different pods: no identity");
                 Reply::Failure(Failure::IdentityNotFound)
             }
+        }
+    }
+
+    fn generation(&self) -> Option<Generation> {
+        Some(Generation {
+            cluster: self.cluster.generation(),
+            cache: self.cache.generation(),
+        })
+    }
+
+    fn admit_repeat(&self, caller: &Caller) -> Result<(), Reply> {
+        match self.limiter.admit(caller.netns) {
+            Ok(_admission) => {
+                self.cache.count_repeat_hit();
+                Ok(())
+            }
+            Err(refused) => Err(Reply::Failure(refusal(refused))),
         }
     }
 
