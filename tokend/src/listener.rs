@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,8 @@ struct CodeClassLabels {
 pub struct ImdsMetrics {
     requests: Family<CodeClassLabels, Counter>,
     duration: Histogram,
+    refused: Counter,
+    heap_releases: Counter,
 }
 
 impl ImdsMetrics {
@@ -65,7 +68,24 @@ impl ImdsMetrics {
             "Time to answer an IMDS request on a pod listener, waits and upstream calls included",
             duration.clone(),
         );
-        Self { requests, duration }
+        let refused = Counter::default();
+        registry.register(
+            "imds_connections_refused",
+            "Pod connections closed at once because --max-connections were open on the node",
+            refused.clone(),
+        );
+        let heap_releases = Counter::default();
+        registry.register(
+            "imds_heap_releases",
+            "Times the memory of a burst of pod connections was given back to the system",
+            heap_releases.clone(),
+        );
+        Self {
+            requests,
+            duration,
+            refused,
+            heap_releases,
+        }
     }
 
     fn count(&self, status: StatusCode, took: Duration) {
@@ -89,6 +109,9 @@ pub struct ListenerEnv {
     backend: Arc<dyn ImdsBackend>,
     metrics: ImdsMetrics,
     connections: Arc<Semaphore>,
+    max_connections: usize,
+    /// Connections accepted since the last check of [`ListenerEnv::give_back_memory`].
+    accepted: AtomicUsize,
 }
 
 impl ListenerEnv {
@@ -98,12 +121,66 @@ impl ListenerEnv {
         metrics: ImdsMetrics,
         max_connections: usize,
     ) -> Self {
+        let max_connections = max_connections.max(1);
         Self {
             backend,
             metrics,
-            connections: Arc::new(Semaphore::new(max_connections.max(1))),
+            connections: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
+            accepted: AtomicUsize::new(0),
         }
     }
+
+    /// Pod connections open now, on all listeners.
+    pub fn open_connections(&self) -> usize {
+        self.max_connections
+            .saturating_sub(self.connections.available_permits())
+    }
+
+    /// Gives the heap a burst of connections left behind back to the system once the burst is
+    /// over, checking every `every` until `shutdown`. Each connection takes about 20 KiB
+    /// (hyper's buffers, its task) that the allocator keeps after it closes: without this,
+    /// tokend would stay at its largest burst's size, and grow with fragmentation.
+    pub async fn give_back_memory(self: Arc<Self>, every: Duration, shutdown: CancellationToken) {
+        let mut burst_seen = false;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            let accepted = self.accepted.swap(0, Ordering::Relaxed);
+            burst_seen |= accepted >= TRIM_AFTER_CONNECTIONS;
+            if burst_seen && self.open_connections() < TRIM_AFTER_CONNECTIONS / 4 {
+                burst_seen = false;
+                let started = Instant::now();
+                let released = tokio::task::spawn_blocking(release_free_heap).await;
+                self.metrics.heap_releases.inc();
+                debug!(
+                    took_ms = started.elapsed().as_secs_f64() * 1000.0,
+                    released = matches!(released, Ok(true)),
+                    "gave the memory of a burst of connections back"
+                );
+            }
+        }
+    }
+}
+
+/// Connections accepted between two checks of [`ListenerEnv::give_back_memory`] that make a
+/// burst worth giving memory back after.
+const TRIM_AFTER_CONNECTIONS: usize = 128;
+
+/// Gives the free heap pages of every arena back to the system (glibc's `malloc_trim`). The
+/// one `unsafe` of tokend: no safe binding of it exists (`nix` has none).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn release_free_heap() -> bool {
+    // SAFETY: malloc_trim only walks the allocator's own free lists, under its own locks.
+    unsafe { libc::malloc_trim(0) == 1 }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_free_heap() -> bool {
+    false
 }
 
 /// The last answer of a listener that may be sent again as it is: a cached token (see
@@ -227,9 +304,11 @@ async fn accept_loop(listener: TcpListener, context: Arc<Context>, cancel: Cance
             continue;
         };
         let Ok(node_permit) = Arc::clone(&context.env.connections).try_acquire_owned() else {
+            context.env.metrics.refused.inc();
             debug!(netns = %context.netns, port = context.port, "connection refused: too many open on the node (--max-connections)");
             continue;
         };
+        context.env.accepted.fetch_add(1, Ordering::Relaxed);
         let context = Arc::clone(&context);
         let cancel = cancel.clone();
         tokio::spawn(async move {
@@ -855,6 +934,125 @@ mod tests {
             ),
         ] {
             assert!(!memo.answers(&other, &pod, generation, 100), "{what}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn connections_beyond_the_node_cap_are_closed_and_bursts_give_memory_back() {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let port = std_listener.local_addr().unwrap().port();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let env = Arc::new(ListenerEnv::new(
+            Arc::new(NoIdentities),
+            ImdsMetrics::register(&mut registry),
+            2,
+        ));
+        let shared = Arc::new(NetnsShared::default());
+        let handle = ListenerHandle::start(
+            std_listener,
+            NetnsId { dev: 1, ino: 5 },
+            port,
+            shared,
+            Arc::clone(&env),
+        )
+        .unwrap();
+        let metrics = |registry: &prometheus_client::registry::Registry| {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+            text
+        };
+
+        // Two idle keep-alive connections take the node's two places; a third is closed at
+        // once, and is served again once one of the two goes away.
+        let (open, refused) = tokio::task::spawn_blocking(move || {
+            let open: Vec<_> = (0..2)
+                .map(|_| {
+                    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                    s.write_all(b"GET /metadata/identity/oauth2/token HTTP/1.1\r\nHost: x\r\n\r\n")
+                        .unwrap();
+                    let mut buf = [0u8; 12];
+                    s.read_exact(&mut buf).unwrap();
+                    assert_eq!(&buf, b"HTTP/1.1 400");
+                    s
+                })
+                .collect();
+            let mut third = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            third
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            // A request it would answer if served; closed unread, the socket may reset.
+            let _ = third.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n");
+            let mut buf = [0u8; 16];
+            let refused = match third.read(&mut buf) {
+                Ok(n) => n == 0,
+                Err(e) => !matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ),
+            };
+            (open, refused)
+        })
+        .await
+        .unwrap();
+        assert!(refused, "a connection beyond --max-connections is closed");
+        assert_eq!(env.open_connections(), 2);
+        assert!(
+            metrics(&registry).contains("imds_connections_refused_total 1"),
+            "{}",
+            metrics(&registry)
+        );
+        drop(open);
+        let again = tokio::task::spawn_blocking(move || {
+            crate::listener::tests::wait(|| {
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .ok()
+                    .map(|mut s| {
+                        s.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                            .unwrap();
+                        let mut out = String::new();
+                        let _ = s.read_to_string(&mut out);
+                        out
+                    })
+                    .filter(|out| out.starts_with("HTTP/1.1"))
+            })
+        })
+        .await
+        .unwrap();
+        assert!(again.starts_with("HTTP/1.1 404"), "{again}");
+
+        // A burst (TRIM_AFTER_CONNECTIONS accepted) that is over: the heap is given back.
+        let shutdown = CancellationToken::new();
+        let trimmer = tokio::spawn(
+            Arc::clone(&env).give_back_memory(Duration::from_millis(50), shutdown.clone()),
+        );
+        env.accepted
+            .fetch_add(TRIM_AFTER_CONNECTIONS, Ordering::Relaxed);
+        let released = tokio::task::spawn_blocking({
+            let registry = Arc::new(registry);
+            move || {
+                crate::listener::tests::wait(|| {
+                    metrics(&registry)
+                        .contains("imds_heap_releases_total 1")
+                        .then_some(())
+                })
+            }
+        });
+        released.await.unwrap();
+        shutdown.cancel();
+        trimmer.await.unwrap();
+        handle.close().await;
+    }
+
+    /// Polls `f` every 20 ms for up to 5 s.
+    fn wait<T>(mut f: impl FnMut() -> Option<T>) -> T {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(std::time::Instant::now() < deadline, "timed out");
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }

@@ -56,6 +56,8 @@ use crate::upstream::{Upstream, UpstreamMetrics};
 
 /// How often listeners whose bind failed (the pod took the port) are tried again.
 const BIND_RETRY_INTERVAL: Duration = Duration::from_secs(5);
+/// How often tokend checks whether a burst of pod connections is over, to give its memory back.
+const MEMORY_CHECK: Duration = Duration::from_secs(2);
 /// How long shutdown waits for API requests in flight.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Mode of the API socket: root only.
@@ -191,7 +193,7 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     let node = Arc::new(Node::new(
         config.listener_port,
         state,
-        listener_env,
+        Arc::clone(&listener_env),
         node_metrics,
     ));
     let shutdown = CancellationToken::new();
@@ -207,6 +209,7 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
         });
     }
     tokio::spawn(Arc::clone(&service).prune(shutdown.clone()));
+    tokio::spawn(listener_env.give_back_memory(MEMORY_CHECK, shutdown.clone()));
 
     let health = TcpListener::bind(config.health_addr)
         .await
