@@ -291,6 +291,8 @@ struct LookupLabels {
 #[derive(Debug, Clone, Default)]
 pub struct CacheMetrics {
     lookups: Family<LookupLabels, Counter>,
+    /// `lookups{result="hit"}`, resolved once for the hot path.
+    hits: Counter,
     entries: Gauge,
     evictions: Counter,
     dropped: Counter,
@@ -325,7 +327,11 @@ impl CacheMetrics {
                 .get_or_create(&LookupLabels { result })
                 .inc_by(0);
         }
-        metrics
+        let hits = metrics
+            .lookups
+            .get_or_create(&LookupLabels { result: "hit" })
+            .clone();
+        Self { hits, ..metrics }
     }
 
     fn lookup(&self, result: &'static str) {
@@ -360,7 +366,7 @@ impl TokenCache {
     /// Counts a token served again without a lookup (a listener's memo of this same answer,
     /// valid while [`TokenCache::generation`] has not moved).
     pub fn count_repeat_hit(&self) {
-        self.metrics.lookup("hit");
+        self.metrics.hits.inc();
     }
 
     fn bump(&self) {

@@ -196,6 +196,19 @@ impl PodLimiter {
     }
 
     fn admit_at(self: &Arc<Self>, netns: NetnsId, now: Instant) -> Result<Admission, Refusal> {
+        self.take(netns, now, false).map(|()| Admission {
+            limiter: Arc::clone(self),
+            netns,
+        })
+    }
+
+    /// Admits one request of the pod in `netns` that is answered at once (it counts against
+    /// the pod's rate and needs a free in-progress place, which it gives back at once).
+    pub fn admit_instant(&self, netns: NetnsId) -> Result<(), Refusal> {
+        self.take(netns, Instant::now(), true)
+    }
+
+    fn take(&self, netns: NetnsId, now: Instant, done: bool) -> Result<(), Refusal> {
         let mut buckets = self.lock();
         if buckets.by_netns.len() >= buckets.sweep_at {
             let limits = self.limits;
@@ -208,10 +221,12 @@ impl PodLimiter {
             .entry(netns)
             .or_insert_with(|| Bucket::new(&limits, now));
         match bucket.admit(&limits, now) {
-            Ok(()) => Ok(Admission {
-                limiter: Arc::clone(self),
-                netns,
-            }),
+            Ok(()) => {
+                if done {
+                    bucket.release();
+                }
+                Ok(())
+            }
             Err(refusal) => {
                 self.metrics.count(match refusal {
                     Refusal::Rate { .. } => "rate",
@@ -232,6 +247,25 @@ mod tests {
         burst: 3.0,
         inflight: 2,
     };
+
+    #[test]
+    fn an_instant_admission_counts_against_the_rate_and_holds_no_place() {
+        let limiter = PodLimiter::new(LIMITS, LimitMetrics::default());
+        let netns = NetnsId { dev: 1, ino: 9 };
+        let held = limiter.admit(netns).unwrap();
+        // One place of two is held: instant ones pass and leave it so, until the bucket
+        // (3) is empty.
+        limiter.admit_instant(netns).unwrap();
+        limiter.admit_instant(netns).unwrap();
+        assert!(matches!(
+            limiter.admit_instant(netns),
+            Err(Refusal::Rate { .. })
+        ));
+        drop(held);
+        let limiter = PodLimiter::new(LIMITS, LimitMetrics::default());
+        let (_a, _b) = (limiter.admit(netns).unwrap(), limiter.admit(netns).unwrap());
+        assert_eq!(limiter.admit_instant(netns), Err(Refusal::InFlight));
+    }
 
     #[test]
     fn burst_then_rate() {

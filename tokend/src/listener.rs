@@ -43,6 +43,8 @@ struct CodeClassLabels {
 #[derive(Debug, Clone)]
 pub struct ImdsMetrics {
     requests: Family<CodeClassLabels, Counter>,
+    /// `requests{code_class="2xx"}`, resolved once for the hot path.
+    ok: Counter,
     duration: Histogram,
     refused: Counter,
     heap_releases: Counter,
@@ -80,8 +82,12 @@ impl ImdsMetrics {
             "Times the memory of a burst of pod connections was given back to the system",
             heap_releases.clone(),
         );
+        let ok = requests
+            .get_or_create(&CodeClassLabels { code_class: "2xx" })
+            .clone();
         Self {
             requests,
+            ok,
             duration,
             refused,
             heap_releases,
@@ -90,15 +96,19 @@ impl ImdsMetrics {
 
     fn count(&self, status: StatusCode, took: Duration) {
         self.duration.observe(took.as_secs_f64());
-        let code_class = match status.as_u16() {
-            200..=299 => "2xx",
-            400..=499 => "4xx",
-            500..=599 => "5xx",
-            _ => "other",
+        match status.as_u16() {
+            200..=299 => self.ok.inc(),
+            code_class => self
+                .requests
+                .get_or_create(&CodeClassLabels {
+                    code_class: match code_class {
+                        400..=499 => "4xx",
+                        500..=599 => "5xx",
+                        _ => "other",
+                    },
+                })
+                .inc(),
         };
-        self.requests
-            .get_or_create(&CodeClassLabels { code_class })
-            .inc();
     }
 }
 

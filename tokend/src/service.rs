@@ -457,8 +457,8 @@ impl ImdsBackend for TokenService {
     }
 
     fn admit_repeat(&self, caller: &Caller) -> Result<(), Reply> {
-        match self.limiter.admit(caller.netns) {
-            Ok(_admission) => {
+        match self.limiter.admit_instant(caller.netns) {
+            Ok(()) => {
                 self.cache.count_repeat_hit();
                 Ok(())
             }
