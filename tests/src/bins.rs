@@ -54,6 +54,24 @@ pub fn installer() -> Result<PathBuf> {
     .map_err(anyhow::Error::msg)
 }
 
+/// The `fake-apiserver` binary of this crate (the fake Kubernetes API server as a process).
+pub fn fake_apiserver() -> Result<PathBuf> {
+    static PATH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    PATH.get_or_init(|| {
+        build_release("podid-tests", "fake-apiserver").map_err(|e| format!("{e:#}"))
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+/// The `mock-azure` binary of this crate (mock Entra ID and node IMDS as a process).
+pub fn mock_azure() -> Result<PathBuf> {
+    static PATH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    PATH.get_or_init(|| build_release("podid-tests", "mock-azure").map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
 /// A Debian CNI plugin by type (`bridge`, `host-local`, `tuning`).
 pub fn debian_plugin(name: &str) -> Result<PathBuf> {
     let path = Path::new(DEBIAN_CNI_DIR).join(name);
@@ -96,7 +114,8 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
-fn build_release(package: &str, bin: &str) -> Result<PathBuf> {
+/// `bin` of `package`, built in release mode (a no-op when it is up to date).
+pub fn build_release(package: &str, bin: &str) -> Result<PathBuf> {
     let status = cargo()
         .args(["build", "--quiet", "--release", "-p", package, "--bin", bin])
         .status()

@@ -29,29 +29,32 @@ impl Cloud {
     /// `198.51.100.2/30`, `169.254.169.254/32` on the cloud's `lo`, a route to it from the node,
     /// a route back to the node's pod subnet, and forwarding on in the node.
     pub fn attach(node: &Node) -> Result<Self> {
+        Self::attach_to(&node.netns, &node.subnet)
+    }
+
+    /// Like [`attach`](Self::attach), for a node netns not made by [`Node`] (the system
+    /// harness's), whose pods live in `pod_subnet`.
+    pub fn attach_to(node_netns: &Netns, pod_subnet: &str) -> Result<Self> {
         let netns = Netns::new("cloud")?;
-        let (n, c) = (node.netns.name(), netns.name());
+        let (n, c) = (node_netns.name(), netns.name());
         // Created inside the node netns and moved straight to the cloud: the machine's own netns
         // never holds either end.
         run_ip(
-            &node.netns,
+            node_netns,
             &format!("link add vcloud type veth peer name vnode netns {c}"),
         )?;
-        run_ip(&node.netns, &format!("addr add {NODE_SIDE}/30 dev vcloud"))?;
-        run_ip(&node.netns, "link set vcloud up")?;
+        run_ip(node_netns, &format!("addr add {NODE_SIDE}/30 dev vcloud"))?;
+        run_ip(node_netns, "link set vcloud up")?;
         run_ip(&netns, &format!("addr add {CLOUD_SIDE}/30 dev vnode"))?;
         run_ip(&netns, "link set vnode up")?;
         run_ip(&netns, "link set lo up")?;
         run_ip(&netns, &format!("addr add {IMDS_IP}/32 dev lo"))?;
         run_ip(
-            &node.netns,
+            node_netns,
             &format!("route add {IMDS_IP}/32 via {CLOUD_SIDE}"),
         )?;
-        run_ip(
-            &netns,
-            &format!("route add {} via {NODE_SIDE}", node.subnet),
-        )?;
-        node.netns
+        run_ip(&netns, &format!("route add {pod_subnet} via {NODE_SIDE}"))?;
+        node_netns
             .exec_ok("sysctl", &["-qw", "net.ipv4.ip_forward=1"])
             .with_context(|| format!("enabling forwarding in {n}"))?;
         Ok(Self { netns })

@@ -3,13 +3,16 @@
 //! `[bridge, tuning]` (Debian's Go `tuning` setting one sysctl in the pod netns, the peer).
 //! A plugin's added time is its chain's median minus `[bridge]`'s.
 //!
-//! `cargo run --release -p podid-tests --bin cni-bench -- [--pods 200] [--cni-version 0.3.0]`
+//! `cargo run --release -p podid-tests --bin cni-bench -- [--pods 200] [--cni-version 0.3.0]
+//! [--json <file>]`; `--json` also writes the results for `bench-report`.
 
 #![allow(clippy::print_stdout)]
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
+use podid_tests::bench::{BenchResult, Bound, Metric, Target};
 use podid_tests::node::Node;
 use podid_tests::runtime::Runtime;
 
@@ -20,6 +23,7 @@ const WARMUP: usize = 5;
 fn main() -> Result<()> {
     let mut pods = 200usize;
     let mut version = "0.3.0".to_owned();
+    let mut json: Option<PathBuf> = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -31,9 +35,13 @@ fn main() -> Result<()> {
                     .context("--pods")?
             }
             "--cni-version" => version = args.next().context("--cni-version needs a value")?,
-            other => bail!("unknown argument {other:?} (expected --pods N, --cni-version V)"),
+            "--json" => json = Some(args.next().context("--json needs a file")?.into()),
+            other => bail!(
+                "unknown argument {other:?} (expected --pods N, --cni-version V, --json FILE)"
+            ),
         }
     }
+    ensure!(pods > 0, "--pods must be at least 1");
 
     let node = Node::new("bench")?;
     node.start_tokend()?;
@@ -77,6 +85,8 @@ fn main() -> Result<()> {
     println!("|---|---|---|---|---|---|---|");
     let floor = percentile(&mut samples[0][0], 0.5);
     let mut added = [0.0; 3];
+    // ADD p50 and DEL p50 per chain.
+    let mut parts = [[0.0; 2]; 3];
     for (i, (name, _)) in chains.iter().enumerate() {
         let [both, add, del] = &mut samples[i];
         let (p10, p50, p90) = (
@@ -85,11 +95,10 @@ fn main() -> Result<()> {
             percentile(both, 0.9),
         );
         added[i] = p50 - floor;
+        parts[i] = [percentile(add, 0.5), percentile(del, 0.5)];
         println!(
             "| `{name}` | {p10:.2} | {p50:.2} | {p90:.2} | {:.2} | {:.2} | {:.2} |",
-            added[i],
-            percentile(add, 0.5),
-            percentile(del, 0.5)
+            added[i], parts[i][0], parts[i][1]
         );
     }
     let ratio = added[1] / added[2];
@@ -109,6 +118,25 @@ fn main() -> Result<()> {
             "NOT met"
         }
     );
+    if let Some(path) = json {
+        let added_part = |chain: usize, part: usize| parts[chain][part] - parts[0][part];
+        let metrics = vec![
+            Metric::new(
+                format!("ADD+DEL p50 of `[bridge, podid]`, {pods} pods"),
+                floor + added[1],
+                "ms",
+            )
+            .peer("`[bridge]` alone (floor)", floor),
+            Metric::new("added ADD+DEL p50 (chain − `[bridge]`)", added[1], "ms")
+                .peer("`tuning` added", added[2])
+                .target(Target::ratio(Bound::AtMost(TARGET_RATIO))),
+            Metric::new("added ADD p50", added_part(1, 0), "ms")
+                .peer("`tuning` added", added_part(2, 0)),
+            Metric::new("added DEL p50", added_part(1, 1), "ms")
+                .peer("`tuning` added", added_part(2, 1)),
+        ];
+        BenchResult::new("cni-bench", metrics).write(&path)?;
+    }
     Ok(())
 }
 

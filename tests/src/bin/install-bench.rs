@@ -6,7 +6,7 @@
 //! temp CNI dirs and a 600 s rescan interval, so every re-chain comes from inotify.
 //!
 //! `cargo run --release -p podid-tests --bin install-bench -- [--rewrites 200] [--pieces 4]
-//! [--piece-gap-ms 5]`
+//! [--piece-gap-ms 5] [--json <file>]`; `--json` also writes the results for `bench-report`.
 
 #![allow(clippy::print_stdout)]
 
@@ -18,6 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use podid_tests::bench::{BenchResult, Bound, Metric, Target};
 use podid_tests::bins;
 use podid_tests::http::{self, Request};
 use podid_tests::netns::Netns;
@@ -56,6 +57,7 @@ struct Options {
     rewrites: usize,
     pieces: usize,
     piece_gap: Duration,
+    json: Option<PathBuf>,
 }
 
 fn options() -> Result<Options> {
@@ -63,6 +65,7 @@ fn options() -> Result<Options> {
         rewrites: 200,
         pieces: 4,
         piece_gap: Duration::from_millis(5),
+        json: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -76,8 +79,9 @@ fn options() -> Result<Options> {
             "--rewrites" => options.rewrites = value("--rewrites")? as usize,
             "--pieces" => options.pieces = value("--pieces")? as usize,
             "--piece-gap-ms" => options.piece_gap = Duration::from_millis(value("--piece-gap-ms")?),
+            "--json" => options.json = Some(args.next().context("--json needs a file")?.into()),
             other => bail!(
-                "unknown argument {other:?} (expected --rewrites N, --pieces N, --piece-gap-ms MS)"
+                "unknown argument {other:?} (expected --rewrites N, --pieces N, --piece-gap-ms MS, --json FILE)"
             ),
         }
     }
@@ -212,10 +216,33 @@ fn main() -> Result<()> {
     println!("| writer | rewrites | p50 ms | p90 ms | p99 ms | max ms | over 1 s |");
     println!("|---|---|---|---|---|---|---|");
     let mut worst = Duration::ZERO;
+    let mut metrics = Vec::new();
     for (which, style) in styles.iter().enumerate() {
         let samples = &mut after_done[which];
         samples.sort();
         worst = worst.max(samples[samples.len() - 1]);
+        let short = match style {
+            Style::Cns => "CNS",
+            Style::Dropgz => "dropgz",
+        };
+        for (what, q) in [("p50", 0.50), ("p99", 0.99)] {
+            metrics.push(Metric::new(
+                format!(
+                    "re-chain after a {short} rewrite, {what} of {}",
+                    samples.len()
+                ),
+                ms(percentile(samples, q)),
+                "ms",
+            ));
+        }
+        metrics.push(
+            Metric::new(
+                format!("re-chain after a {short} rewrite, max of {}", samples.len()),
+                ms(samples[samples.len() - 1]),
+                "ms",
+            )
+            .target(Target::value(Bound::AtMost(ms(TARGET)))),
+        );
         println!(
             "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
             style.name(),
@@ -245,6 +272,17 @@ fn main() -> Result<()> {
         WARMUP * styles.len(),
         options.rewrites * styles.len()
     );
+    if let Some(path) = &options.json {
+        let writes = 1 + (WARMUP + options.rewrites) * styles.len();
+        let rechains: f64 = rechains
+            .parse()
+            .with_context(|| format!("podid_install_rechains_total is {rechains:?}"))?;
+        metrics.push(
+            Metric::new("conflist writes by the installer", rechains, "writes")
+                .peer("rewrites by the writers + the first chain", writes as f64),
+        );
+        BenchResult::new("install-bench", metrics).write(path)?;
+    }
     if worst <= TARGET {
         println!(
             "Every re-chain within the {TARGET:?} target (worst {:.2} ms).",

@@ -22,14 +22,15 @@
 //!
 //! `cargo run --release -p podid-tests --bin tokend-bench -- [--duration 5] [--rounds 3]
 //!  [--connections 1,16,64] [--pods 100] [--per-pod 10] [--registered 250] [--repeat 3]
-//!  [--part all|throughput|scale]`; `PODID_BENCH_TOKEND=<path>` benchmarks another tokend build.
+//!  [--settle 10] [--part all|throughput|scale] [--json <file>]`; `PODID_BENCH_TOKEND=<path>`
+//! benchmarks another tokend build; `--json` also writes the results for `bench-report`.
 
 #![allow(clippy::print_stdout)]
 
 use std::convert::Infallible;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -45,6 +46,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use kube::Api;
 use kube::api::ListParams;
 use podid_api::crd::{AzureAssignedIdentity, assignment_state};
+use podid_tests::bench::{BenchResult, Bound, Metric, Target};
 use podid_tests::mocks::imds::ImdsRoute;
 use podid_tests::mocks::{Fault, FaultTarget};
 use podid_tests::netns::in_netns;
@@ -64,9 +66,6 @@ const UPSTREAM_DELAY: Duration = Duration::from_millis(500);
 /// A resource no earlier request of the coalescing node asked for.
 const COALESCE_PATH: &str =
     "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net";
-
-/// How long after the burst tokend's memory is read again.
-const SETTLE: Duration = Duration::from_secs(10);
 
 const TARGET_THROUGHPUT: f64 = 0.8;
 const TARGET_P99: f64 = 1.5;
@@ -92,8 +91,11 @@ struct Args {
     registered: usize,
     /// Cached bursts of the same shape after the first.
     repeat: usize,
+    /// How long after the first burst tokend's memory is read again.
+    settle: Duration,
     /// `all`, `throughput` or `scale`.
     part: String,
+    json: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -105,7 +107,9 @@ fn parse_args() -> Result<Args> {
         per_pod: 10,
         registered: 250,
         repeat: 3,
+        settle: Duration::from_secs(10),
         part: "all".into(),
+        json: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -124,11 +128,13 @@ fn parse_args() -> Result<Args> {
             "--per-pod" => args.per_pod = value()?.parse().context("--per-pod")?,
             "--registered" => args.registered = value()?.parse().context("--registered")?,
             "--repeat" => args.repeat = value()?.parse().context("--repeat")?,
+            "--settle" => args.settle = Duration::from_secs(value()?.parse().context("--settle")?),
             "--part" => args.part = value()?,
+            "--json" => args.json = Some(value()?.into()),
             other => bail!(
                 "unknown argument {other:?} (expected --duration S, --rounds N, \
                  --connections A,B,C, --pods N, --per-pod N, --registered N, \
-                 --repeat N, --part all|throughput|scale)"
+                 --repeat N, --settle S, --part all|throughput|scale, --json FILE)"
             ),
         }
     }
@@ -157,13 +163,19 @@ fn main() -> Result<()> {
         args.connections,
         tokend_binary()?.display()
     );
+    let mut metrics = Vec::new();
     if args.part != "scale" {
         let rows = throughput(&args)?;
         report_throughput(&args, &rows);
+        metrics.extend(throughput_metrics(&rows));
     }
     if args.part != "throughput" {
         let result = scale(&args)?;
         report_scale(&args, &result);
+        metrics.extend(scale_metrics(&args, &result));
+    }
+    if let Some(path) = &args.json {
+        BenchResult::new("tokend-bench", metrics).write(path)?;
     }
     Ok(())
 }
@@ -505,7 +517,7 @@ fn scale(args: &Args) -> Result<ScaleResult> {
         .count();
     let upstream_entra = world.entra.log().len();
     let rss_after_kib = proc_status_kib(tokend_pid, "VmRSS")?;
-    std::thread::sleep(SETTLE);
+    std::thread::sleep(args.settle);
     let rss_settled_kib = proc_status_kib(tokend_pid, "VmRSS")?;
     // The same burst again, now from the cache: does the memory come back or grow?
     let mut rss_repeated_kib = Vec::new();
@@ -852,7 +864,7 @@ fn report_scale(args: &Args, scale: &ScaleResult) {
             scale.rss_after_kib,
         ),
         (
-            format!("{} s after burst 1", SETTLE.as_secs()),
+            format!("{} s after burst 1", args.settle.as_secs()),
             scale.registered,
             scale.rss_settled_kib,
         ),
@@ -872,6 +884,87 @@ fn report_scale(args: &Args, scale: &ScaleResult) {
             verdict(mib(kib) <= TARGET_RSS_MIB)
         );
     }
+}
+
+fn throughput_metrics(rows: &[ThroughputRow]) -> Vec<Metric> {
+    let bare = "bare responder (same netns, same redirect)";
+    let mut metrics = Vec::new();
+    for row in rows {
+        let c = match row.connections {
+            1 => "1 connection".to_owned(),
+            n => format!("{n} connections"),
+        };
+        metrics.push(
+            Metric::new(
+                format!("cached-token throughput, {c}"),
+                med(&row.tokend, WrkRun::rps),
+                "req/s",
+            )
+            .peer(bare, med(&row.bare, WrkRun::rps))
+            .target(Target::ratio(Bound::AtLeast(TARGET_THROUGHPUT))),
+        );
+        metrics.push(
+            Metric::new(
+                format!("cached-token p99 latency, {c}"),
+                med(&row.tokend, |r| r.p99_us) / 1000.0,
+                "ms",
+            )
+            .peer(bare, med(&row.bare, |r| r.p99_us) / 1000.0)
+            .target(Target::ratio(Bound::AtMost(TARGET_P99))),
+        );
+        metrics.push(
+            Metric::new(
+                format!("server CPU per request, {c}"),
+                med(&row.tokend, WrkRun::cpu_per_request),
+                "µs",
+            )
+            .peer(bare, med(&row.bare, WrkRun::cpu_per_request)),
+        );
+    }
+    metrics
+}
+
+fn scale_metrics(args: &Args, scale: &ScaleResult) -> Vec<Metric> {
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let empty = "the same tokend started, no pod (floor)";
+    let bursts = 1 + scale.rss_repeated_kib.len();
+    vec![
+        Metric::new(
+            format!(
+                "upstream calls (IMDS + Entra) for {} identical concurrent requests",
+                scale.requests
+            ),
+            (scale.upstream_imds + scale.upstream_entra) as f64,
+            "calls",
+        )
+        .target(Target::value(Bound::Exactly(1.0))),
+        Metric::new(
+            format!("200 OK among those {} requests", scale.requests),
+            scale.ok as f64,
+            "answers",
+        )
+        .target(Target::value(Bound::Exactly(scale.requests as f64))),
+        Metric::new(
+            format!(
+                "VmRSS, {} pods registered and assigned, idle",
+                scale.registered
+            ),
+            mib(scale.rss_idle_kib),
+            "MiB",
+        )
+        .peer(empty, mib(scale.rss_empty_kib))
+        .target(Target::value(Bound::AtMost(TARGET_RSS_MIB))),
+        Metric::new(
+            format!(
+                "VmHWM, {} pods, after {bursts} bursts of {} × {} connections",
+                scale.registered, args.pods, args.per_pod
+            ),
+            mib(scale.hwm_kib),
+            "MiB",
+        )
+        .peer(empty, mib(scale.rss_empty_kib))
+        .target(Target::value(Bound::AtMost(TARGET_RSS_MIB))),
+    ]
 }
 
 fn verdict(met: bool) -> &'static str {
