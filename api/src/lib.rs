@@ -11,6 +11,7 @@ pub mod fsutil;
 #[cfg(feature = "crds")]
 pub mod matching;
 pub mod pod;
+pub mod time;
 pub mod wire;
 
 pub use pod::{BoundPod, PodKey, PodRecord, RecordError};

@@ -10,7 +10,6 @@
 use std::fmt;
 use std::fs;
 use std::io::Write;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
@@ -30,13 +29,13 @@ use crate::bins::{self, workspace_root};
 use crate::cloud::{CLOUD_SIDE, Cloud};
 use crate::http::{self, Request};
 use crate::mocks::entra::EntraMock;
-use crate::mocks::imds::{ImdsMock, InstanceMetadata, ManagedIdentity};
+use crate::mocks::imds::{ImdsMock, ManagedIdentity};
 use crate::netns::Netns;
 use crate::node::{Node, Pod, container_id};
 use crate::objects;
 use crate::runtime::{Attachment, Runtime};
 use crate::sdk::{self, Call, Outcome, Sdk};
-use crate::world::{ENTRA_HOST, TENANT};
+use crate::world::{CloudMocks, ENTRA_HOST};
 
 /// The example the demo applies, relative to the workspace root.
 pub const EXAMPLE: &str = "conf/examples/rgapi";
@@ -481,29 +480,16 @@ impl Sim {
 
     fn cloud<W: Write>(&mut self, p: &mut Progress<W>) -> Result<()> {
         let cloud = Cloud::attach(&self.node)?;
-        let vm = InstanceMetadata::default();
-        let system = ManagedIdentity::system_assigned(&vm);
-        let imds_listener = cloud.listen(Cloud::imds_addr())?;
-        let entra_listener = cloud.listen(Cloud::entra_addr())?;
         let cloud_ns = cloud.netns.name().to_owned();
+        let mocks = CloudMocks::start(&self.node, &cloud);
         self.cloud = Some(cloud);
-        let (imds, entra) = self.node.block_on(async {
-            let imds = ImdsMock::builder()
-                .tenant(TENANT)
-                .instance(vm.clone())
-                .system_identity(system.clone())
-                .start_on(imds_listener)
-                .await?;
-            let entra = EntraMock::builder()
-                .host(ENTRA_HOST)
-                .start_on(entra_listener)
-                .await?;
-            anyhow::Ok((imds, entra))
-        })?;
-        let ca = self.node.dir().join("entra-ca.pem");
-        entra.write_ca_pem(&ca)?;
-        self.node
-            .set_hosts(&[(ENTRA_HOST, IpAddr::V4(CLOUD_SIDE))])?;
+        let CloudMocks {
+            imds,
+            entra,
+            vm,
+            system: _,
+            ca,
+        } = mocks?;
         let ca = ca.display().to_string();
         let authority = format!("https://{ENTRA_HOST}");
         self.node.set_tokend_args(&[
@@ -1113,16 +1099,7 @@ fn random_guid() -> Result<String> {
 /// `2026-01-02 03:04:05 UTC` from Unix seconds.
 pub fn utc(unix: i64) -> String {
     let (days, secs) = (unix.div_euclid(86_400), unix.rem_euclid(86_400));
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day) = podid_api::time::civil_from_days(days);
     format!(
         "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
         secs / 3600,

@@ -160,14 +160,7 @@ impl Node {
             + std::fmt::Debug,
         K::DynamicType: Default,
     {
-        let namespace = obj
-            .meta()
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let api: Api<K> = Api::namespaced(self.client(), &namespace);
-        self.block_on(api.create(&PostParams::default(), obj))
-            .with_context(|| format!("creating {namespace}/{:?}", obj.meta().name))
+        self.block_on(crate::objects::create(self.client(), obj))
     }
 
     /// Deletes the namespaced object `namespace/name` of kind `K` from the node's API server.
@@ -179,10 +172,7 @@ impl Node {
             + std::fmt::Debug,
         K::DynamicType: Default,
     {
-        let api: Api<K> = Api::namespaced(self.client(), namespace);
-        self.block_on(api.delete(name, &kube::api::DeleteParams::default()))
-            .with_context(|| format!("deleting {namespace}/{name}"))?;
-        Ok(())
+        self.block_on(crate::objects::delete::<K>(self.client(), namespace, name))
     }
 
     /// The kubeconfig tokend and the controller use, pointing at [`API_ADDR`].

@@ -205,3 +205,42 @@ pub fn service_account(namespace: &str, name: &str) -> ServiceAccount {
         ..ServiceAccount::default()
     }
 }
+
+/// Creates the namespaced `obj` (in `default` when it names none) and returns it as stored.
+pub async fn create<K>(client: kube::Client, obj: &K) -> anyhow::Result<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    use anyhow::Context as _;
+    let namespace = obj
+        .meta()
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let api: kube::Api<K> = kube::Api::namespaced(client, &namespace);
+    api.create(&kube::api::PostParams::default(), obj)
+        .await
+        .with_context(|| format!("creating {namespace}/{:?}", obj.meta().name))
+}
+
+/// Deletes the namespaced object `namespace/name` of kind `K`.
+pub async fn delete<K>(client: kube::Client, namespace: &str, name: &str) -> anyhow::Result<()>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    use anyhow::Context as _;
+    let api: kube::Api<K> = kube::Api::namespaced(client, namespace);
+    api.delete(name, &kube::api::DeleteParams::default())
+        .await
+        .with_context(|| format!("deleting {namespace}/{name}"))?;
+    Ok(())
+}

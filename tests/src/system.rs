@@ -26,7 +26,7 @@ use anyhow::{Context, Result, bail};
 use base64::Engine as _;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node as NodeObject, Pod as PodObject, Secret, Taint};
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
+use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use podid_api::crd::{AzureAssignedIdentity, AzurePodIdentityException};
@@ -671,14 +671,7 @@ impl System {
             + std::fmt::Debug,
         K::DynamicType: Default,
     {
-        let namespace = obj
-            .meta()
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let api: Api<K> = Api::namespaced(self.client(), &namespace);
-        self.block_on(api.create(&PostParams::default(), obj))
-            .with_context(|| format!("creating {namespace}/{:?}", obj.meta().name))
+        self.block_on(crate::objects::create(self.client(), obj))
     }
 
     /// Creates a Secret and remembers its values for the log scan.
@@ -709,10 +702,7 @@ impl System {
             + std::fmt::Debug,
         K::DynamicType: Default,
     {
-        let api: Api<K> = Api::namespaced(self.client(), namespace);
-        self.block_on(api.delete(name, &DeleteParams::default()))
-            .with_context(|| format!("deleting {namespace}/{name}"))?;
-        Ok(())
+        self.block_on(crate::objects::delete::<K>(self.client(), namespace, name))
     }
 
     /// Every AzureAssignedIdentity in the cluster.

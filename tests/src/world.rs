@@ -49,26 +49,13 @@ impl World {
     pub fn new(tag: &str, tokend_args: &[&str]) -> Result<Self> {
         let node = Node::new(tag)?;
         let cloud = Cloud::attach(&node)?;
-        let vm = InstanceMetadata::default();
-        let system = ManagedIdentity::system_assigned(&vm);
-        let imds_listener = cloud.listen(Cloud::imds_addr())?;
-        let entra_listener = cloud.listen(Cloud::entra_addr())?;
-        let (imds, entra) = node.block_on(async {
-            let imds = ImdsMock::builder()
-                .tenant(TENANT)
-                .instance(vm.clone())
-                .system_identity(system.clone())
-                .start_on(imds_listener)
-                .await?;
-            let entra = EntraMock::builder()
-                .host(ENTRA_HOST)
-                .start_on(entra_listener)
-                .await?;
-            anyhow::Ok((imds, entra))
-        })?;
-        let ca = node.dir().join("entra-ca.pem");
-        entra.write_ca_pem(&ca)?;
-        node.set_hosts(&[(ENTRA_HOST, IpAddr::V4(CLOUD_SIDE))])?;
+        let CloudMocks {
+            imds,
+            entra,
+            vm,
+            system,
+            ca,
+        } = CloudMocks::start(&node, &cloud)?;
         let mut args = vec![
             "--authority-host".to_owned(),
             format!("https://{ENTRA_HOST}"),
@@ -187,6 +174,51 @@ impl World {
             (mine.len() == count).then_some(mine)
         })
         .context("waiting for the controller")
+    }
+}
+
+/// The mock node IMDS and Entra ID started in `cloud` for `node`, as on Azure: the node's hosts
+/// file names Entra ID, whose test CA is written into the node's dir.
+#[derive(Debug)]
+pub struct CloudMocks {
+    pub imds: ImdsMock,
+    pub entra: EntraMock,
+    pub vm: InstanceMetadata,
+    /// The VM's own (system-assigned) identity.
+    pub system: ManagedIdentity,
+    /// The PEM of the CA Entra ID's certificate chains to (tokend's `--ca-file`).
+    pub ca: std::path::PathBuf,
+}
+
+impl CloudMocks {
+    pub fn start(node: &Node, cloud: &Cloud) -> Result<Self> {
+        let vm = InstanceMetadata::default();
+        let system = ManagedIdentity::system_assigned(&vm);
+        let imds_listener = cloud.listen(Cloud::imds_addr())?;
+        let entra_listener = cloud.listen(Cloud::entra_addr())?;
+        let (imds, entra) = node.block_on(async {
+            let imds = ImdsMock::builder()
+                .tenant(TENANT)
+                .instance(vm.clone())
+                .system_identity(system.clone())
+                .start_on(imds_listener)
+                .await?;
+            let entra = EntraMock::builder()
+                .host(ENTRA_HOST)
+                .start_on(entra_listener)
+                .await?;
+            anyhow::Ok((imds, entra))
+        })?;
+        let ca = node.dir().join("entra-ca.pem");
+        entra.write_ca_pem(&ca)?;
+        node.set_hosts(&[(ENTRA_HOST, IpAddr::V4(CLOUD_SIDE))])?;
+        Ok(Self {
+            imds,
+            entra,
+            vm,
+            system,
+            ca,
+        })
     }
 }
 
